@@ -1,0 +1,184 @@
+"""Native format: the transformers llava / llava_next checkpoint layout (safetensors).
+
+Saved directories load in transformers' LlavaForConditionalGeneration /
+LlavaNextForConditionalGeneration as they are; llavakit's own settings (template, image-token
+style, pad mode, ...) ride along in config.json under "llavakit".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoTokenizer
+
+from llavakit.checkpoint.io import atomic_directory, read_state_dict
+from llavakit.config import LlavaConfig
+from llavakit.errors import CheckpointError
+from llavakit.model.llava import TOWERS_WITHOUT_CLS, LlavaForCausalLM
+from llavakit.processing.processor import LlavaProcessor
+
+# transformers >= 4.52 in-memory names -> llavakit (= the classic on-disk llava-hf names).
+_KEY_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+def to_llavakit_key(key: str) -> str:
+    for old, new in _KEY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def fit_tower_keys(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``vision_tower.vision_model.X`` <-> ``vision_tower.X``, whichever the model's tower uses.
+
+    Classic llava-hf files (and CLIP / SigLIP towers saved by transformers 4.x) keep the
+    ``vision_model.`` level; transformers 5 vision models drop it.
+    """
+    expected = set(model.state_dict())
+    out = {}
+    for key, value in state.items():
+        if key.startswith("vision_tower.") and key not in expected:
+            rest = key[len("vision_tower.") :]
+            alt = "vision_tower." + (
+                rest[len("vision_model.") :] if rest.startswith("vision_model.") else "vision_model." + rest
+            )
+            key = alt if alt in expected else key
+        out[key] = value
+    return out
+
+
+def _settings_from_processor_files(path: Path, config: LlavaConfig) -> None:
+    """Checkpoints written by other tools: take pad mode, mean/std and size from their files."""
+    pre = path / "preprocessor_config.json"
+    proc = path / "processor_config.json"  # transformers 5 nests the image processor here
+    data = None
+    if pre.is_file():
+        data = json.loads(pre.read_text())
+    elif proc.is_file():
+        data = json.loads(proc.read_text()).get("image_processor")
+    if isinstance(data, dict):
+        if data.get("do_pad") and config.family == "llava":
+            config.image_aspect_ratio = "pad"
+        if data.get("image_mean"):
+            config.image_mean = tuple(data["image_mean"])
+            config.image_std = tuple(data["image_std"])
+
+
+def _chat_template(path: Path) -> str | None:
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    js = path / "chat_template.json"
+    if js.is_file():
+        return json.loads(js.read_text()).get("chat_template")
+    return None
+
+
+def load_hf(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, template: str | None = None
+) -> tuple[LlavaForCausalLM, LlavaProcessor]:
+    """Load a transformers-layout llava / llava_next checkpoint directory."""
+    root = Path(path)
+    hf_config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+    config = LlavaConfig.from_hf(hf_config)
+    if not getattr(hf_config, "llavakit", None):
+        _settings_from_processor_files(root, config)
+    model = LlavaForCausalLM(config)
+    state = {to_llavakit_key(k): v for k, v in read_state_dict(root).items()}
+    state = fit_tower_keys(state, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(config.text_config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k == "language_model.lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{root}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    if tied:
+        model.language_model.tie_weights()
+    model.to(dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    chat = _chat_template(root)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat
+    return model, LlavaProcessor(tokenizer, config, template)
+
+
+def save_hf(
+    model: LlavaForCausalLM, processor: LlavaProcessor, out: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Write ``model`` + ``processor`` as a transformers checkpoint directory, atomically."""
+    config = model.config
+    config.template = processor.template.name
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        config.to_hf().save_pretrained(tmp)
+        state = model.state_dict()
+        if getattr(config.text_config, "tie_word_embeddings", False):
+            state.pop("language_model.lm_head.weight", None)
+        state = {k: v.detach().contiguous() for k, v in state.items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _hf_processor(config, processor).save_pretrained(tmp)
+    return Path(out)
+
+
+def _hf_processor(config: LlavaConfig, processor: LlavaProcessor):
+    """The transformers processor that reproduces this model's preprocessing."""
+    from transformers import LlavaNextProcessor, LlavaProcessor as HFProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    size = config.image_size
+    common = dict(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(config.image_mean),
+        image_std=list(config.image_std),
+    )
+    tokenizer = processor.tokenizer
+    chat_template = jinja_for(processor.template) or getattr(tokenizer, "chat_template", None)
+    extra = int(config.vision_config.model_type not in TOWERS_WITHOUT_CLS)
+    kwargs = dict(
+        tokenizer=tokenizer,
+        patch_size=config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=chat_template,
+        image_token=config.image_token,
+        num_additional_image_tokens=extra,
+    )
+    if config.family == "llava_next":
+        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=config.image_grid_pinpoints, **common)
+        return LlavaNextProcessor(image_processor=image_processor, **kwargs)
+    image_processor = LlavaImageProcessorPil(do_pad=config.image_aspect_ratio == "pad", **common)
+    return HFProcessor(image_processor=image_processor, **kwargs)
+
+
+def jinja_for(template) -> str | None:
+    """A Jinja chat template equal to a "two"-style llavakit template (vicuna_v1, llava_v1)."""
+    if template.style != "two":
+        return None
+    system = template.system.replace("'", "\\'")
+    user, assistant = template.roles
+    return (
+        "{% set system = '" + system + "' %}"
+        "{% for m in messages %}{% if m['role'] == 'system' %}{% set system = m['content'] %}{% endif %}{% endfor %}"
+        "{{ system + ' ' }}"
+        "{% for m in messages if m['role'] != 'system' %}"
+        "{% if m['content'] is string %}{% set text = m['content'] %}{% else %}"
+        "{% set text = namespace(v='') %}"
+        "{% for c in m['content'] if c['type'] == 'image' %}{% set text.v = text.v + '<image>\\n' %}{% endfor %}"
+        "{% for c in m['content'] if c['type'] == 'text' %}{% set text.v = text.v + c['text'] %}{% endfor %}"
+        "{% set text = text.v %}{% endif %}"
+        "{% if m['role'] == 'user' %}{{ '" + user + ": ' + text + ' ' }}"
+        "{% else %}{{ '" + assistant + ": ' + text + '</s>' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '" + assistant + ":' }}{% endif %}"
+    )

@@ -1,0 +1,199 @@
+"""The ``llavakit`` command line: chat, convert (more subcommands arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+EXAMPLES = {
+    "chat": "example: llavakit chat --image photo.jpg \"What is in this picture?\"",
+    "convert": "example: llavakit convert liuhaotian-llava-v1.5-7b llava-1.5-7b-hf --from original --check",
+}
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llavakit", description="LLaVA: chat, convert, train, serve, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="chat about images (one-shot with PROMPT, REPL without)", epilog=EXAMPLES["chat"])
+    chat.add_argument("prompt", nargs="?", help="the question; omit for an interactive session")
+    chat.add_argument("--model", default="demo", help="checkpoint directory or hub id (default: bundled demo)")
+    chat.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    chat.add_argument("--system", default=None, help="override the template's system prompt")
+    chat.add_argument("--template", default=None, help="override the checkpoint's conversation template")
+    chat.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
+    chat.add_argument("--device", default="cpu")
+    chat.add_argument("--no-stream", action="store_true", help="print the answer at the end")
+    chat.add_argument("--allow-url", action="store_true", help="allow http(s) image URLs")
+    _add_generation_args(chat)
+
+    conv = sub.add_parser("convert", help="convert a checkpoint to the transformers layout", epilog=EXAMPLES["convert"])
+    conv.add_argument("input", help="checkpoint directory (never modified), or 'demo'")
+    conv.add_argument("output", help="new directory to write (refused if it exists)")
+    conv.add_argument("--from", dest="fmt", choices=["original", "hf"], default=None, help="input layout (default: detect)")
+    conv.add_argument("--vision-tower", default=None, help="vision tower directory for original checkpoints")
+    conv.add_argument("--template", default=None, help="template the model was trained with (original: vicuna_v1)")
+    conv.add_argument("--dtype", default="float32", help="dtype to save in (float32 | bfloat16)")
+    conv.add_argument("--check", action="store_true", help="compare logits of input and output on a sample")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from llavakit.errors import LlavakitError
+
+    try:
+        if args.command == "chat":
+            return _chat(args)
+        if args.command == "convert":
+            return _convert(args)
+    except LlavakitError as exc:
+        print(f"llavakit: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"llavakit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    return 1
+
+
+def _gen_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import llavakit
+    from llavakit.processing.image import ImageLimits
+
+    for path in args.image:  # fail on a bad path before spending time loading the model
+        if not path.startswith(("http://", "https://")) and not os.path.isfile(path):
+            from llavakit.errors import ImageNotFound
+
+            raise ImageNotFound(f"{path}: no such image file")
+    pipe = llavakit.load(args.model, dtype=args.dtype, device=args.device, template=args.template)
+    if args.allow_url:
+        pipe.processor.limits = ImageLimits(allow_urls=True)
+    images = pipe.processor.load_images(args.image)
+    gen = _gen_kwargs(args)
+    if args.prompt is not None:
+        _answer(pipe, images, [{"role": "user", "content": args.prompt}], args, gen)
+        return 0
+    return _repl(pipe, images, args, gen)
+
+
+def _answer(pipe, images, messages, args, gen) -> str:
+    if args.no_stream:
+        text = pipe.chat(images, messages=messages, system=args.system, **gen)
+        print(text, flush=True)
+        return text
+    pieces = []
+    for piece in pipe.stream(images, messages=messages, system=args.system, **gen):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print(flush=True)
+    return "".join(pieces)
+
+
+def _repl(pipe, images, args, gen) -> int:
+    from llavakit.errors import LlavakitError
+
+    print("llavakit chat — /image PATH adds an image, /reset clears, /exit quits.", file=sys.stderr)
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("USER> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages, images = [], []
+            continue
+        if line.startswith("/image "):
+            try:
+                images = images + pipe.processor.load_images([line[7:].strip()])
+            except LlavakitError as exc:
+                print(f"llavakit: error: {exc}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        print("ASSISTANT> ", end="", flush=True)
+        try:
+            reply = _answer(pipe, images, messages, args, gen)
+        except LlavakitError as exc:
+            messages.pop()
+            print(f"\nllavakit: error: {exc}", file=sys.stderr)
+            continue
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from llavakit.checkpoint import detect_format, load_checkpoint, resolve
+    from llavakit.checkpoint.hf import save_hf
+    from llavakit.checkpoint.io import atomic_directory
+    from llavakit.pipeline import parse_dtype
+
+    if args.input == "demo":
+        from llavakit.demo import demo_checkpoint
+
+        args.input = str(demo_checkpoint())
+    src = resolve(args.input)
+    fmt = args.fmt or detect_format(src)
+    if os.path.exists(args.output) and os.path.abspath(args.output) == os.path.abspath(src):
+        raise ValueError("output must differ from input; convert never modifies its input")
+    with atomic_directory(args.output):  # refuse an existing OUT before loading anything
+        pass
+    os.rmdir(args.output)
+    import torch
+
+    model, processor = load_checkpoint(src, dtype=torch.float32, template=args.template, vision_tower=args.vision_tower, fmt=fmt)
+    if fmt == "original":
+        from llavakit.checkpoint.original import add_image_token
+
+        reference = None
+        if args.check:
+            import copy
+
+            reference = (copy.deepcopy(model), copy.deepcopy(processor))
+        add_image_token(model, processor)
+    else:
+        reference = (model, processor) if args.check else None
+    save_hf(model.to(parse_dtype(args.dtype)), processor, args.output)
+    print(f"wrote {args.output} ({fmt} -> hf)")
+    if reference is not None:
+        from llavakit.checkpoint.check import compare_logits
+
+        diff, greedy_same = compare_logits(reference[0], reference[1], args.output)
+        print(f"check: max |logit difference| = {diff:.3e}; greedy text identical: {greedy_same}")
+        if diff > 1e-3 and parse_dtype(args.dtype) == torch.float32:
+            print("llavakit: error: converted logits differ by more than 1e-3", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

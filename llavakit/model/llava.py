@@ -1,0 +1,150 @@
+"""LlavaForCausalLM: vision tower -> projector -> image features spliced into the LM's embeddings.
+
+One class for every language model: the LM is whatever ``AutoModelForCausalLM`` builds from the
+text config. Module names follow transformers' on-disk llava layout (``vision_tower``,
+``multi_modal_projector``, ``language_model``, ``image_newline``), so ``state_dict()`` is a
+llava-hf checkpoint as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from llavakit.config import LlavaConfig
+from llavakit.errors import FeatureCountMismatch
+from llavakit.model import anyres
+from llavakit.model.projector import Projector
+from llavakit.model.vision import build_vision_tower, select_features
+
+# Vision towers whose sequence has no CLS token (every patch is an image token).
+TOWERS_WITHOUT_CLS = {"siglip_vision_model", "siglip2_vision_model"}
+IGNORE_INDEX = -100
+
+
+def tokens_per_tile(config: LlavaConfig) -> int:
+    """Feature tokens one crop-size tile produces (CLS kept only with strategy "full")."""
+    patches = (config.image_size // config.patch_size) ** 2
+    has_cls = config.vision_config.model_type not in TOWERS_WITHOUT_CLS
+    keep_cls = config.vision_feature_select_strategy in ("full", "cls_patch")
+    return patches + int(has_cls and keep_cls)
+
+
+def image_token_count(config: LlavaConfig, image_size: tuple[int, int]) -> int:
+    """Number of placeholder tokens an image of (height, width) becomes."""
+    if config.family != "llava_next":
+        return tokens_per_tile(config)
+    grid = anyres.grid_shape(image_size, config.image_grid_pinpoints, config.image_size)
+    return anyres.num_packed_tokens(
+        image_size,
+        grid,
+        side=config.image_size // config.patch_size,
+        merge_type=config.patch_merge_type,
+        has_newline=True,
+        round_digits=config.unpad_round_digits,
+        max_tiles=config.anyres_max_tiles,
+        tokens_per_tile=tokens_per_tile(config),
+    )
+
+
+class LlavaForCausalLM(nn.Module):
+    """A LLaVA model. ``forward`` takes token ids whose image positions hold ``image_token_id``."""
+
+    def __init__(self, config: LlavaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = build_vision_tower(config.vision_config)
+        vision_dim = config.vision_config.hidden_size * config.num_feature_layers
+        text_dim = config.text_config.hidden_size
+        self.multi_modal_projector = Projector(
+            config.projector_type, vision_dim, text_dim, bias=config.projector_bias
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        if config.family == "llava_next" and "unpad" in config.patch_merge_type:
+            self.image_newline = nn.Parameter(torch.zeros(text_dim))
+        else:
+            self.image_newline = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.language_model.parameters()).dtype
+
+    def encode_images(
+        self, pixel_values: list[torch.Tensor], image_sizes: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Features of all images, concatenated in order: [sum of image_token_count, hidden]."""
+        cfg = self.config
+        tiles_per_image = [p.shape[0] for p in pixel_values]
+        pixels = torch.cat(pixel_values).to(self.device, self.vision_tower.dtype)
+        selected = select_features(
+            self.vision_tower, pixels, cfg.vision_feature_layer, cfg.vision_feature_select_strategy
+        )
+        projected = self.multi_modal_projector(selected)
+        if cfg.family != "llava_next":
+            return projected.flatten(0, 1)
+        packed = []
+        for tiles, size in zip(projected.split(tiles_per_image), image_sizes, strict=True):
+            grid = anyres.grid_shape(size, cfg.image_grid_pinpoints, cfg.image_size)
+            packed.append(
+                anyres.pack_tiles(
+                    tiles,
+                    size,
+                    grid,
+                    cfg.patch_merge_type,
+                    self.image_newline,
+                    cfg.unpad_round_digits,
+                    cfg.anyres_max_tiles,
+                )
+            )
+        return torch.cat(packed)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: list[torch.Tensor] | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features written over the image placeholder positions."""
+        mask = input_ids == self.config.image_token_id
+        safe_ids = input_ids.masked_fill(mask, 0)  # the -200 sentinel is not a vocabulary id
+        embeds = self.language_model.get_input_embeddings()(safe_ids)
+        n_tokens = int(mask.sum())
+        if not pixel_values:
+            if n_tokens:
+                raise FeatureCountMismatch(n_tokens, 0)
+            return embeds
+        features = self.encode_images(pixel_values, image_sizes or [])
+        if features.shape[0] != n_tokens:
+            raise FeatureCountMismatch(n_tokens, features.shape[0])
+        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: list[torch.Tensor] | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutputWithPast:
+        embeds = self.embed(input_ids, pixel_values, image_sizes)
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+        )

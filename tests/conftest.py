@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random checkpoints built from configs (offline, a few seconds each)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llavakit.testing import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def llava15_dir(tmp_path_factory):
+    """CLIP tower, mlp2x_gelu, pad, vicuna_v1, transformers <image> token."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "llava15", seed=1)
+
+
+@pytest.fixture(scope="session")
+def llava_next_dir(tmp_path_factory):
+    """LLaVA-NeXT: anyres tiling, spatial_unpad, image_newline."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "llava_next", seed=2, family="llava_next")
+
+
+@pytest.fixture(scope="session")
+def siglip_dir(tmp_path_factory):
+    """SigLIP tower (no CLS), strategy "full", two feature layers concatenated."""
+    return build_tiny_checkpoint(
+        tmp_path_factory.mktemp("ck") / "siglip",
+        seed=3,
+        tower="siglip",
+        strategy="full",
+        vision_feature_layer=[-1, -3],
+    )
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def make_image():
+    return random_image
