@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 EXAMPLES = {
-    "chat": "example: llavakit chat --image photo.jpg \"What is in this picture?\"",
+    "chat": 'example: llavakit chat --image photo.jpg "What is in this picture?"',
     "convert": "example: llavakit convert liuhaotian-llava-v1.5-7b llava-1.5-7b-hf --from original --check",
 }
 
@@ -24,29 +24,55 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llavakit", description="LLaVA: chat, convert, train, serve, evaluate.")
+    parser = argparse.ArgumentParser(
+        prog="llavakit", description="LLaVA: chat, convert, train, serve, evaluate."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    chat = sub.add_parser("chat", help="chat about images (one-shot with PROMPT, REPL without)", epilog=EXAMPLES["chat"])
+    chat = sub.add_parser(
+        "chat",
+        help="chat about images (one-shot with PROMPT, REPL without)",
+        epilog=EXAMPLES["chat"],
+    )
     chat.add_argument("prompt", nargs="?", help="the question; omit for an interactive session")
-    chat.add_argument("--model", default="demo", help="checkpoint directory or hub id (default: bundled demo)")
+    chat.add_argument(
+        "--model", default="demo", help="checkpoint directory or hub id (default: bundled demo)"
+    )
     chat.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     chat.add_argument("--system", default=None, help="override the template's system prompt")
-    chat.add_argument("--template", default=None, help="override the checkpoint's conversation template")
+    chat.add_argument(
+        "--template", default=None, help="override the checkpoint's conversation template"
+    )
     chat.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
     chat.add_argument("--device", default="cpu")
     chat.add_argument("--no-stream", action="store_true", help="print the answer at the end")
     chat.add_argument("--allow-url", action="store_true", help="allow http(s) image URLs")
     _add_generation_args(chat)
 
-    conv = sub.add_parser("convert", help="convert a checkpoint to the transformers layout", epilog=EXAMPLES["convert"])
+    conv = sub.add_parser(
+        "convert",
+        help="convert a checkpoint to the transformers layout",
+        epilog=EXAMPLES["convert"],
+    )
     conv.add_argument("input", help="checkpoint directory (never modified), or 'demo'")
     conv.add_argument("output", help="new directory to write (refused if it exists)")
-    conv.add_argument("--from", dest="fmt", choices=["original", "hf"], default=None, help="input layout (default: detect)")
-    conv.add_argument("--vision-tower", default=None, help="vision tower directory for original checkpoints")
-    conv.add_argument("--template", default=None, help="template the model was trained with (original: vicuna_v1)")
+    conv.add_argument(
+        "--from",
+        dest="fmt",
+        choices=["original", "hf"],
+        default=None,
+        help="input layout (default: detect)",
+    )
+    conv.add_argument(
+        "--vision-tower", default=None, help="vision tower directory for original checkpoints"
+    )
+    conv.add_argument(
+        "--template", default=None, help="template the model was trained with (original: vicuna_v1)"
+    )
     conv.add_argument("--dtype", default="float32", help="dtype to save in (float32 | bfloat16)")
-    conv.add_argument("--check", action="store_true", help="compare logits of input and output on a sample")
+    conv.add_argument(
+        "--check", action="store_true", help="compare logits of input and output on a sample"
+    )
     return parser
 
 
@@ -170,7 +196,9 @@ def _convert(args: argparse.Namespace) -> int:
     os.rmdir(args.output)
     import torch
 
-    model, processor = load_checkpoint(src, dtype=torch.float32, template=args.template, vision_tower=args.vision_tower, fmt=fmt)
+    model, processor = load_checkpoint(
+        src, dtype=torch.float32, template=args.template, vision_tower=args.vision_tower, fmt=fmt
+    )
     if fmt == "original":
         from llavakit.checkpoint.original import add_image_token
 
@@ -182,6 +210,10 @@ def _convert(args: argparse.Namespace) -> int:
         add_image_token(model, processor)
     else:
         reference = (model, processor) if args.check else None
+        if reference is not None and parse_dtype(args.dtype) != torch.float32:
+            import copy  # .to() below casts in place: keep a float32 reference to compare against
+
+            reference = (copy.deepcopy(model), processor)
     save_hf(model.to(parse_dtype(args.dtype)), processor, args.output)
     print(f"wrote {args.output} ({fmt} -> hf)")
     if reference is not None:

@@ -109,7 +109,9 @@ class LlavaConfig:
     def from_hf(cls, hf: PretrainedConfig) -> LlavaConfig:
         """Read a transformers llava / llava_next config (with or without a llavakit section)."""
         if hf.model_type not in ("llava", "llava_next"):
-            raise CheckpointError(f"unsupported model_type {hf.model_type!r}; expected llava or llava_next")
+            raise CheckpointError(
+                f"unsupported model_type {hf.model_type!r}; expected llava or llava_next"
+            )
         extra = dict(getattr(hf, "llavakit", None) or {})
         known = {f.name for f in dataclasses.fields(cls)}
         extra = {k: v for k, v in extra.items() if k in known}
@@ -120,7 +122,9 @@ class LlavaConfig:
             image_token_id=hf.image_token_id,
         )
         if hf.model_type == "llava_next":
-            defaults.update(image_aspect_ratio="anyres", image_grid_pinpoints=hf.image_grid_pinpoints)
+            defaults.update(
+                image_aspect_ratio="anyres", image_grid_pinpoints=hf.image_grid_pinpoints
+            )
         else:
             defaults.update(image_aspect_ratio="square")
         defaults.update(extra)

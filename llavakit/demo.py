@@ -14,7 +14,9 @@ BUNDLED = Path(__file__).parent / "demo_model"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LLAVAKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llavakit")
+    root = os.environ.get("LLAVAKIT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "llavakit"
+    )
     return Path(root)
 
 

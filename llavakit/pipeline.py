@@ -29,7 +29,14 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return default_dtype()
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     return names[dtype]
@@ -70,7 +77,9 @@ class Pipeline:
                 ids.add(tid)
         return ids
 
-    def encode(self, images: list[ImageSource] | None = None, prompt: str | None = None, **kwargs: Any) -> Encoded:
+    def encode(
+        self, images: list[ImageSource] | None = None, prompt: str | None = None, **kwargs: Any
+    ) -> Encoded:
         return self.processor.encode(images=images, prompt=prompt, **kwargs)
 
     def stream(
@@ -85,7 +94,9 @@ class Pipeline:
         """Yield the answer piece by piece as it is generated."""
         encoded = self.encode(images, prompt, messages=messages, system=system)
         batch = self.processor.collate([encoded])
-        for deltas in generate_stream(self.model, self.tokenizer, batch, self._gen_config(**gen), self._eos_ids()):
+        for deltas in generate_stream(
+            self.model, self.tokenizer, batch, self._gen_config(**gen), self._eos_ids()
+        ):
             if deltas[0]:
                 yield deltas[0]
 
@@ -104,12 +115,16 @@ class Pipeline:
     def generate_batch(self, requests: list[dict], **gen: Any) -> list[str]:
         """Answers for several ``{"images": [...], "prompt": ...}`` requests in one batch."""
         encoded = [
-            self.encode(r.get("images"), r.get("prompt"), messages=r.get("messages"), system=r.get("system"))
+            self.encode(
+                r.get("images"), r.get("prompt"), messages=r.get("messages"), system=r.get("system")
+            )
             for r in requests
         ]
         batch = self.processor.collate(encoded)
         texts = [""] * len(requests)
-        for deltas in generate_stream(self.model, self.tokenizer, batch, self._gen_config(**gen), self._eos_ids()):
+        for deltas in generate_stream(
+            self.model, self.tokenizer, batch, self._gen_config(**gen), self._eos_ids()
+        ):
             texts = [t + d for t, d in zip(texts, deltas, strict=True)]
         return texts
 
@@ -132,5 +147,7 @@ def load(
         from llavakit.demo import demo_checkpoint
 
         path = demo_checkpoint()
-    model, processor = load_checkpoint(path, dtype=parse_dtype(dtype), template=template, vision_tower=vision_tower)
+    model, processor = load_checkpoint(
+        path, dtype=parse_dtype(dtype), template=template, vision_tower=vision_tower
+    )
     return Pipeline(model.to(device), processor)

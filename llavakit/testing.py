@@ -43,7 +43,11 @@ def tiny_tokenizer(vocab_size: int = 320):
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )
     fast.add_tokens(["<image>"], special_tokens=True)
     return fast
@@ -73,7 +77,11 @@ def tiny_config(
         image_size=image_size,
         patch_size=patch_size,
     )
-    vision = SiglipVisionConfig(**vision_kwargs) if tower == "siglip" else CLIPVisionConfig(**vision_kwargs)
+    vision = (
+        SiglipVisionConfig(**vision_kwargs)
+        if tower == "siglip"
+        else CLIPVisionConfig(**vision_kwargs)
+    )
     text = LlamaConfig(
         hidden_size=48,
         intermediate_size=96,

@@ -18,7 +18,9 @@ def llava15_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llava_next_dir(tmp_path_factory):
     """LLaVA-NeXT: anyres tiling, spatial_unpad, image_newline."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "llava_next", seed=2, family="llava_next")
+    return build_tiny_checkpoint(
+        tmp_path_factory.mktemp("ck") / "llava_next", seed=2, family="llava_next"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from llavakit.errors import CheckpointError
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """"hf" (transformers llava / llava_next) or "original" (liuhaotian mm_* config)."""
+    """ "hf" (transformers llava / llava_next) or "original" (liuhaotian mm_* config)."""
     from llavakit.checkpoint.original import is_original
 
     config = Path(path) / "config.json"
@@ -43,7 +43,9 @@ def resolve(path: str | os.PathLike) -> Path:
 
         return Path(snapshot_download(os.fspath(path)))
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a local directory and not downloadable ({type(exc).__name__})") from None
+        raise CheckpointError(
+            f"{path}: not a local directory and not downloadable ({type(exc).__name__})"
+        ) from None
 
 
 def load_checkpoint(

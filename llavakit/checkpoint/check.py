@@ -14,13 +14,17 @@ def sample_image(seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     h, w = 300, 420
     y, x = np.mgrid[0:h, 0:w]
-    arr = np.stack([(x * 255 // w), (y * 255 // h), ((x + y) * 127 // (h + w))], -1).astype(np.uint8)
+    arr = np.stack([(x * 255 // w), (y * 255 // h), ((x + y) * 127 // (h + w))], -1).astype(
+        np.uint8
+    )
     arr[60:160, 100:220] = rng.integers(0, 255, 3, dtype=np.uint8)
     return Image.fromarray(arr)
 
 
 @torch.inference_mode()
-def compare_logits(model, processor, converted: str | os.PathLike, prompt: str = "Describe the image.") -> tuple[float, bool]:
+def compare_logits(
+    model, processor, converted: str | os.PathLike, prompt: str = "Describe the image."
+) -> tuple[float, bool]:
     """Max |logit diff| over the source vocabulary, and whether 8-token greedy text is equal."""
     from llavakit.checkpoint import load_checkpoint
     from llavakit.pipeline import Pipeline
@@ -31,7 +35,9 @@ def compare_logits(model, processor, converted: str | os.PathLike, prompt: str =
     texts = []
     for m, p in ((model.float(), processor), (out_model, out_processor)):
         batch = p.collate([p.encode([image], prompt)])
-        logits.append(m(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_sizes).logits)
+        logits.append(
+            m(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_sizes).logits
+        )
         texts.append(Pipeline(m, p).chat([image], prompt, max_new_tokens=8))
     vocab = min(logits[0].shape[-1], logits[1].shape[-1])
     if logits[0].shape[1] != logits[1].shape[1]:

@@ -7,6 +7,7 @@ style, pad mode, ...) ride along in config.json under "llavakit".
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -15,9 +16,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
 
-from llavakit.checkpoint.io import atomic_directory, read_state_dict
+from llavakit.checkpoint.io import (
+    atomic_directory,
+    build_with_weights,
+    classic_tower_keys,
+    read_state_dict,
+)
 from llavakit.config import LlavaConfig
-from llavakit.errors import CheckpointError
 from llavakit.model.llava import TOWERS_WITHOUT_CLS, LlavaForCausalLM
 from llavakit.processing.processor import LlavaProcessor
 
@@ -36,25 +41,6 @@ def to_llavakit_key(key: str) -> str:
         if key.startswith(old):
             return new + key[len(old) :]
     return key
-
-
-def fit_tower_keys(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``vision_tower.vision_model.X`` <-> ``vision_tower.X``, whichever the model's tower uses.
-
-    Classic llava-hf files (and CLIP / SigLIP towers saved by transformers 4.x) keep the
-    ``vision_model.`` level; transformers 5 vision models drop it.
-    """
-    expected = set(model.state_dict())
-    out = {}
-    for key, value in state.items():
-        if key.startswith("vision_tower.") and key not in expected:
-            rest = key[len("vision_tower.") :]
-            alt = "vision_tower." + (
-                rest[len("vision_model.") :] if rest.startswith("vision_model.") else "vision_model." + rest
-            )
-            key = alt if alt in expected else key
-        out[key] = value
-    return out
 
 
 def _settings_from_processor_files(path: Path, config: LlavaConfig) -> None:
@@ -93,18 +79,8 @@ def load_hf(
     config = LlavaConfig.from_hf(hf_config)
     if not getattr(hf_config, "llavakit", None):
         _settings_from_processor_files(root, config)
-    model = LlavaForCausalLM(config)
     state = {to_llavakit_key(k): v for k, v in read_state_dict(root).items()}
-    state = fit_tower_keys(state, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = getattr(config.text_config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k == "language_model.lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{root}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    if tied:
-        model.language_model.tie_weights()
+    model = build_with_weights(lambda: LlavaForCausalLM(config), state, root)
     model.to(dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
     chat = _chat_template(root)
@@ -114,14 +90,19 @@ def load_hf(
 
 
 def save_hf(
-    model: LlavaForCausalLM, processor: LlavaProcessor, out: str | os.PathLike, overwrite: bool = False
+    model: LlavaForCausalLM,
+    processor: LlavaProcessor,
+    out: str | os.PathLike,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` + ``processor`` as a transformers checkpoint directory, atomically."""
-    config = model.config
+    # to_hf() hands the backbone configs to transformers, which resets their attention
+    # implementation; the live model keeps using them, so work on a copy.
+    config = copy.deepcopy(model.config)
     config.template = processor.template.name
     with atomic_directory(out, overwrite=overwrite) as tmp:
         config.to_hf().save_pretrained(tmp)
-        state = model.state_dict()
+        state = classic_tower_keys(model.state_dict(), config.vision_config.model_type)
         if getattr(config.text_config, "tie_word_embeddings", False):
             state.pop("language_model.lm_head.weight", None)
         state = {k: v.detach().contiguous() for k, v in state.items()}
@@ -132,9 +113,12 @@ def save_hf(
 
 def _hf_processor(config: LlavaConfig, processor: LlavaProcessor):
     """The transformers processor that reproduces this model's preprocessing."""
-    from transformers import LlavaNextProcessor, LlavaProcessor as HFProcessor
+    from transformers import LlavaNextProcessor
+    from transformers import LlavaProcessor as HFProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
 
     size = config.image_size
     common = dict(
@@ -155,7 +139,9 @@ def _hf_processor(config: LlavaConfig, processor: LlavaProcessor):
         num_additional_image_tokens=extra,
     )
     if config.family == "llava_next":
-        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=config.image_grid_pinpoints, **common)
+        image_processor = LlavaNextImageProcessorPil(
+            image_grid_pinpoints=config.image_grid_pinpoints, **common
+        )
         return LlavaNextProcessor(image_processor=image_processor, **kwargs)
     image_processor = LlavaImageProcessorPil(do_pad=config.image_aspect_ratio == "pad", **common)
     return HFProcessor(image_processor=image_processor, **kwargs)

@@ -62,3 +62,69 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+CLASSIC_TOWERS = {"clip_vision_model", "siglip_vision_model"}
+
+
+def fit_tower_keys(
+    state: dict[str, torch.Tensor], model: torch.nn.Module
+) -> dict[str, torch.Tensor]:
+    """``vision_tower.vision_model.X`` <-> ``vision_tower.X``, whichever the model's tower uses.
+
+    Classic llava-hf files (and CLIP / SigLIP towers saved by transformers 4.x) keep the
+    ``vision_model.`` level; transformers 5 vision models drop it.
+    """
+    expected = set(model.state_dict())
+    out = {}
+    for key, value in state.items():
+        if key.startswith("vision_tower.") and key not in expected:
+            rest = key[len("vision_tower.") :]
+            if rest.startswith("vision_model."):
+                alt = "vision_tower." + rest[len("vision_model.") :]
+            else:
+                alt = "vision_tower.vision_model." + rest
+            key = alt if alt in expected else key
+        out[key] = value
+    return out
+
+
+def classic_tower_keys(state: dict[str, torch.Tensor], tower_type: str) -> dict[str, torch.Tensor]:
+    """Write CLIP / SigLIP tower weights under ``vision_tower.vision_model.*`` (llava-hf's names,
+    which transformers 4.x needs and transformers 5 maps on load)."""
+    if tower_type not in CLASSIC_TOWERS:
+        return state
+    out = {}
+    for key, value in state.items():
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            key = "vision_tower.vision_model." + key[len("vision_tower.") :]
+        out[key] = value
+    return out
+
+
+def build_with_weights(factory, state: dict[str, torch.Tensor], source: str | os.PathLike):
+    """Build a model with ``factory()`` without initialising parameters, then load ``state``.
+
+    Parameters start on the meta device (no random init: fast, no double memory); buffers
+    are built normally. Tied LM heads are re-tied; any other missing or unexpected weight is
+    a ``CheckpointError`` naming a few of them.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = factory()
+    state = fit_tower_keys(state, model)
+    lm = model.language_model
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    if tied:
+        lm.get_output_embeddings().weight = lm.get_input_embeddings().weight
+    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_empty:
+        raise CheckpointError(f"{source}: no weights for {still_empty[:5]}")
+    return model

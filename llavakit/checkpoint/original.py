@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from llavakit.checkpoint.hf import fit_tower_keys
-from llavakit.checkpoint.io import read_state_dict
+from llavakit.checkpoint.io import build_with_weights, read_state_dict
 from llavakit.config import IMAGE_SENTINEL, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, LlavaConfig
 from llavakit.errors import CheckpointError
 from llavakit.model.llava import LlavaForCausalLM
@@ -31,7 +30,9 @@ _ARCH_TO_LM = {
     "LlavaMixtralForCausalLM": "mixtral",
     "LlavaGemmaForCausalLM": "gemma",
 }
-_NOT_TEXT_FIELDS = re.compile(r"^(mm_|image_|tune_|freeze_|unfreeze_|use_mm|tokenizer_|architectures$|model_type$|_name_or_path$)")
+_NOT_TEXT_FIELDS = re.compile(
+    r"^(mm_|image_|tune_|freeze_|unfreeze_|use_mm|tokenizer_|architectures$|model_type$|_name_or_path$)"
+)
 
 
 def is_original(config_dict: dict) -> bool:
@@ -42,7 +43,9 @@ def _text_config(cfg: dict):
     arch = (cfg.get("architectures") or ["LlavaLlamaForCausalLM"])[0]
     lm_type = _ARCH_TO_LM.get(arch)
     if lm_type is None:
-        raise CheckpointError(f"unsupported original architecture {arch!r}; known: {sorted(_ARCH_TO_LM)}")
+        raise CheckpointError(
+            f"unsupported original architecture {arch!r}; known: {sorted(_ARCH_TO_LM)}"
+        )
     fields = {k: v for k, v in cfg.items() if not _NOT_TEXT_FIELDS.match(k)}
     return AutoConfig.for_model(lm_type, **fields)
 
@@ -156,16 +159,10 @@ def load_original(
         image_mean=tuple(image.get("image_mean", OPENAI_CLIP_MEAN)),
         image_std=tuple(image.get("image_std", OPENAI_CLIP_STD)),
     )
-    model = LlavaForCausalLM(config)
     weights = map_original_keys(state) | projector
-    weights = fit_tower_keys(weights, model)
-    tower_state = fit_tower_keys({"vision_tower." + k: v for k, v in tower_state.items()}, model)
-    weights |= {k: v for k, v in tower_state.items() if k not in weights}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = getattr(config.text_config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
-    if missing or unexpected:
-        raise CheckpointError(f"{root}: weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    tower = {"vision_tower." + k: v for k, v in tower_state.items()}
+    weights |= {k: v for k, v in tower.items() if k not in weights}
+    model = build_with_weights(lambda: LlavaForCausalLM(config), weights, root)
     model.to(dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
     return model, LlavaProcessor(tokenizer, config)
@@ -207,7 +204,9 @@ def load_projector(model: LlavaForCausalLM, path: str | os.PathLike) -> None:
     else:
         state = torch.load(file, map_location="cpu", weights_only=True)
     if any(k.startswith(("model.mm_projector.", "mm_projector.")) for k in state):
-        state = {("model." + k if k.startswith("mm_projector.") else k): v for k, v in state.items()}
+        state = {
+            ("model." + k if k.startswith("mm_projector.") else k): v for k, v in state.items()
+        }
         mapped, _ = _projector_keys(state)
         state = {k.removeprefix("multi_modal_projector."): v for k, v in mapped.items()}
     state = {k.removeprefix("multi_modal_projector."): v for k, v in state.items()}
@@ -215,5 +214,7 @@ def load_projector(model: LlavaForCausalLM, path: str | os.PathLike) -> None:
     for key, value in state.items():
         if key not in expected or expected[key].shape != value.shape:
             shape = tuple(expected[key].shape) if key in expected else None
-            raise CheckpointError(f"{file}: projector weight {key} has shape {tuple(value.shape)}, model expects {shape}")
+            raise CheckpointError(
+                f"{file}: projector weight {key} has shape {tuple(value.shape)}, model expects {shape}"
+            )
     model.multi_modal_projector.load_state_dict(state, strict=True)

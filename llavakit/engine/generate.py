@@ -63,7 +63,9 @@ def process_logits(
     return logits
 
 
-def pick_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+def pick_tokens(
+    logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     if cfg.temperature == 0:
         return logits.argmax(-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
@@ -128,11 +130,20 @@ def generate_stream(
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
     rows = ids.shape[0]
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed) if cfg.seed is not None else None
+    generator = (
+        torch.Generator(device="cpu").manual_seed(cfg.seed) if cfg.seed is not None else None
+    )
     budget = min(cfg.max_new_tokens, model.config.max_context - ids.shape[1])
     if budget <= 0:
         return
-    out = model(ids, attention_mask=mask, pixel_values=batch.pixel_values, image_sizes=batch.image_sizes, use_cache=True, logits_to_keep=1)
+    out = model(
+        ids,
+        attention_mask=mask,
+        pixel_values=batch.pixel_values,
+        image_sizes=batch.image_sizes,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     past, logits = out.past_key_values, out.logits[:, -1].float()
     positions = mask.sum(-1, keepdim=True)
     seen = [ids[r][mask[r].bool()] for r in range(rows)]

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 
-def select_best_resolution(image_size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int]:
+def select_best_resolution(
+    image_size: tuple[int, int], pinpoints: list[list[int]]
+) -> tuple[int, int]:
     """Pick the pinpoint that keeps most of the image's pixels, then wastes least.
 
     >>> select_best_resolution((300, 800), [[336, 672], [672, 336], [672, 672]])
@@ -40,7 +42,9 @@ def fit_size(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[int,
     return target_h, min(math.ceil(width * scale_h), target_w)
 
 
-def grid_shape(image_size: tuple[int, int], pinpoints: list[list[int]], tile: int) -> tuple[int, int]:
+def grid_shape(
+    image_size: tuple[int, int], pinpoints: list[list[int]], tile: int
+) -> tuple[int, int]:
     """(rows, cols) of crop-size tiles for an image."""
     best_h, best_w = select_best_resolution(image_size, pinpoints)
     return best_h // tile, best_w // tile
@@ -99,7 +103,11 @@ def pack_tiles(
     rows, cols = grid
     side = math.isqrt(rest.shape[1])
     dim = rest.shape[-1]
-    fmap = rest.view(rows, cols, side, side, dim).permute(4, 0, 2, 1, 3).reshape(dim, rows * side, cols * side)
+    fmap = (
+        rest.view(rows, cols, side, side, dim)
+        .permute(4, 0, 2, 1, 3)
+        .reshape(dim, rows * side, cols * side)
+    )
     if "unpad" in merge_type:
         (top, bottom), (left, right) = unpadded_shape(image_size, fmap.shape[1:], round_digits)
         fmap = fmap[:, top:bottom, left:right]

@@ -62,7 +62,9 @@ class Projector(nn.Module):
                 linears = factory(vision_dim, text_dim, bias, *extra)
                 break
         if linears is None:
-            raise ValueError(f"unknown projector type {spec!r}; known: linear, mlpNx_gelu, identity")
+            raise ValueError(
+                f"unknown projector type {spec!r}; known: linear, mlpNx_gelu, identity"
+            )
         self.num_linears = len(linears)
         for i, layer in enumerate(linears, start=1):
             setattr(self, f"linear_{i}", layer)

@@ -25,5 +25,7 @@ def select_features(
     if strategy in ("default", "patch"):
         states = [s[:, 1:] for s in states]
     elif strategy not in ("full", "cls_patch"):
-        raise ValueError(f"unknown vision_feature_select_strategy {strategy!r}; use default or full")
+        raise ValueError(
+            f"unknown vision_feature_select_strategy {strategy!r}; use default or full"
+        )
     return torch.cat(states, dim=-1) if len(states) > 1 else states[0]

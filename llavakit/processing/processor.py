@@ -11,7 +11,13 @@ from PIL import Image
 from llavakit.config import IMAGE_SENTINEL, LlavaConfig
 from llavakit.errors import ImageCountMismatch, PromptTooLong
 from llavakit.model.llava import image_token_count
-from llavakit.processing.image import DEFAULT_LIMITS, ImageLimits, ImagePreprocessor, ImageSource, load_image
+from llavakit.processing.image import (
+    DEFAULT_LIMITS,
+    ImageLimits,
+    ImagePreprocessor,
+    ImageSource,
+    load_image,
+)
 from llavakit.processing.templates import Template, Turn, get_template
 
 IMAGE = "<image>"
@@ -60,12 +66,18 @@ class LlavaProcessor:
     ) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        self.template = get_template(template or config.template) if not isinstance(template, Template) else template
+        self.template = (
+            get_template(template or config.template)
+            if not isinstance(template, Template)
+            else template
+        )
         self.image_processor = image_preprocessor_for(config)
         self.limits = limits
 
     # -- text ---------------------------------------------------------------------------------
-    def build_turns(self, prompt: str | None, messages: list[dict] | None, n_images: int) -> list[Turn]:
+    def build_turns(
+        self, prompt: str | None, messages: list[dict] | None, n_images: int
+    ) -> list[Turn]:
         """Turns from a prompt or OpenAI-style messages; images go first when not placed."""
         if messages is None:
             messages = [{"role": "user", "content": prompt or ""}]
@@ -78,19 +90,27 @@ class LlavaProcessor:
         placed = sum(text.count(IMAGE) for _, text in turns)
         if placed == 0 and n_images:
             first = next(i for i, (role, _) in enumerate(turns) if role == "user")
-            turns[first] = ("user", IMAGE + "\n" + turns[first][1]) if n_images == 1 else (
-                "user",
-                (IMAGE + "\n") * n_images + turns[first][1],
+            turns[first] = (
+                ("user", IMAGE + "\n" + turns[first][1])
+                if n_images == 1
+                else (
+                    "user",
+                    (IMAGE + "\n") * n_images + turns[first][1],
+                )
             )
         elif placed != n_images:
             raise ImageCountMismatch(placed, n_images)
         return turns
 
-    def render(self, turns: list[Turn], system: str | None = None, add_generation_prompt: bool = True) -> str:
+    def render(
+        self, turns: list[Turn], system: str | None = None, add_generation_prompt: bool = True
+    ) -> str:
         if self.template.style != "tokenizer":
             return self.template.render(turns, system, add_generation_prompt)
         chat_template = getattr(self.tokenizer, "chat_template", None) or ""
-        structured = "'type'" in chat_template or '"type"' in chat_template or ".type" in chat_template
+        structured = (
+            "'type'" in chat_template or '"type"' in chat_template or ".type" in chat_template
+        )
         msgs = [{"role": "system", "content": system}] if system else []
         for role, text in turns:
             if structured:
@@ -99,7 +119,9 @@ class LlavaProcessor:
                 msgs.append({"role": role, "content": parts + [{"type": "text", "text": rest}]})
             else:
                 msgs.append({"role": role, "content": text})
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids with exactly one ``image_token_id`` per ``<image>`` (not yet expanded)."""
@@ -112,7 +134,12 @@ class LlavaProcessor:
                 if i:
                     ids.append(image_id)
                 chunk_ids = tok(chunk, add_special_tokens=add_special and i == 0)["input_ids"]
-                if i and chunk_ids and tok.bos_token_id is not None and chunk_ids[0] == tok.bos_token_id:
+                if (
+                    i
+                    and chunk_ids
+                    and tok.bos_token_id is not None
+                    and chunk_ids[0] == tok.bos_token_id
+                ):
                     chunk_ids = chunk_ids[1:]
                 ids.extend(chunk_ids)
             return ids

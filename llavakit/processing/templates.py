@@ -51,7 +51,9 @@ class Template:
     renders_bos: bool = False  # the text already holds BOS: tokenize without special tokens
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def render(self, turns: list[Turn], system: str | None = None, add_generation_prompt: bool = True) -> str:
+    def render(
+        self, turns: list[Turn], system: str | None = None, add_generation_prompt: bool = True
+    ) -> str:
         """The prompt for ``turns``; ends with the open assistant turn when asked."""
         system = self.system if system is None else system
         renderer = _RENDERERS[self.style]

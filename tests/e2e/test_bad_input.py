@@ -22,10 +22,17 @@ def _png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose IHDR claims width x height (a decompression bomb header)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_bytes(image: Image.Image) -> bytes:
@@ -68,7 +75,9 @@ def test_api_raises_specific_error(pipe, bad_files, name, error, message):
 
 @pytest.mark.parametrize(("name", "error", "message"), CASES)
 def test_cli_prints_one_line_and_fails(llava15_dir, bad_files, name, error, message, capsys):
-    code = main(["chat", "--model", str(llava15_dir), "--image", str(bad_files / name), "What is this?"])
+    code = main(
+        ["chat", "--model", str(llava15_dir), "--image", str(bad_files / name), "What is this?"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0
     assert err[-1].startswith("llavakit: error:") and message in err[-1]
@@ -125,7 +134,17 @@ def test_every_mode_is_accepted_from_files(pipe, tmp_path, mode):
 
 def test_cli_subprocess_has_no_traceback(llava15_dir, bad_files):
     result = subprocess.run(
-        [sys.executable, "-m", "llavakit", "chat", "--model", str(llava15_dir), "--image", str(bad_files / "bomb.png"), "hi"],
+        [
+            sys.executable,
+            "-m",
+            "llavakit",
+            "chat",
+            "--model",
+            str(llava15_dir),
+            "--image",
+            str(bad_files / "bomb.png"),
+            "hi",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

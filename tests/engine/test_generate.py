@@ -51,22 +51,31 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(next_pipe):
     others = {next_pipe.chat([image], "Tell me.", **(kwargs | {"seed": s})) for s in range(4)}
     assert len(others) > 1
     greedy = next_pipe.chat([image], "Tell me.", max_new_tokens=10)
-    assert next_pipe.chat([image], "Tell me.", max_new_tokens=10, temperature=0.7, top_k=1, seed=5) == greedy
+    assert (
+        next_pipe.chat([image], "Tell me.", max_new_tokens=10, temperature=0.7, top_k=1, seed=5)
+        == greedy
+    )
 
 
 def test_max_new_tokens_bounds_the_answer(next_pipe):
     image = random_image(64, 48, 9)
-    ids = next_pipe.tokenizer(next_pipe.chat([image], "Hi", max_new_tokens=3), add_special_tokens=False)["input_ids"]
+    ids = next_pipe.tokenizer(
+        next_pipe.chat([image], "Hi", max_new_tokens=3), add_special_tokens=False
+    )["input_ids"]
     assert len(ids) <= 3
     assert next_pipe.chat([image], "Hi", max_new_tokens=0) == ""
 
 
 def test_repetition_penalty_and_top_p_logits():
     logits = torch.tensor([[2.0, -1.0, 0.5, 0.25]])
-    out = process_logits(logits.clone(), [torch.tensor([0, 1])], GenerationConfig(repetition_penalty=2.0))
+    out = process_logits(
+        logits.clone(), [torch.tensor([0, 1])], GenerationConfig(repetition_penalty=2.0)
+    )
     assert out.tolist() == [[1.0, -2.0, 0.5, 0.25]]
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = process_logits(probs.clone(), [torch.tensor([])], GenerationConfig(temperature=1.0, top_p=0.7))
+    kept = process_logits(
+        probs.clone(), [torch.tensor([])], GenerationConfig(temperature=1.0, top_p=0.7)
+    )
     assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
 
 

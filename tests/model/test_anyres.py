@@ -37,7 +37,10 @@ def test_unpadded_shape_rounding_modes():
     # 47 * (24 / 376) = 2.9999999999999996: transformers rounds to 3, the original truncates to 2
     assert anyres.unpadded_shape((47, 376), (48, 24)) == ((22, 26), (0, 24))
     assert anyres.unpadded_shape((47, 376), (48, 24), None) == ((23, 25), (0, 24))
-    float_case = anyres.unpadded_shape((7, 10), (10, 10), 7), anyres.unpadded_shape((7, 10), (10, 10), None)
+    float_case = (
+        anyres.unpadded_shape((7, 10), (10, 10), 7),
+        anyres.unpadded_shape((7, 10), (10, 10), None),
+    )
     assert float_case[0] == ((1, 9), (0, 10))  # 7 * (10/10) = 7.0
     assert float_case[0] == float_case[1]
 
@@ -72,4 +75,6 @@ def test_pack_and_count_agree_on_many_sizes():
         tiles = torch.randn(1 + grid[0] * grid[1], side * side, dim)
         for merge in ("flat", "spatial", "spatial_unpad"):
             packed = anyres.pack_tiles(tiles, (h, w), grid, merge, torch.zeros(dim), max_tiles=2)
-            assert packed.shape[0] == anyres.num_packed_tokens((h, w), grid, side, merge, True, max_tiles=2)
+            assert packed.shape[0] == anyres.num_packed_tokens(
+                (h, w), grid, side, merge, True, max_tiles=2
+            )

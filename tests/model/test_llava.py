@@ -15,7 +15,13 @@ from tests.conftest import random_image
 
 @pytest.mark.parametrize(
     ("spec", "linears", "pre_norm"),
-    [("linear", 1, False), ("mlp2x_gelu", 2, False), ("mlp3x_gelu", 3, False), ("ln_mlp2x_gelu", 2, True), ("identity", 0, False)],
+    [
+        ("linear", 1, False),
+        ("mlp2x_gelu", 2, False),
+        ("mlp3x_gelu", 3, False),
+        ("ln_mlp2x_gelu", 2, True),
+        ("identity", 0, False),
+    ],
 )
 def test_projector_registry(spec, linears, pre_norm):
     dim_in = 8 if spec != "identity" else 6
@@ -104,7 +110,9 @@ def test_feature_count_mismatch_is_specific():
     model = LlavaForCausalLM(cfg).eval()
     ids = torch.tensor([[1, 5, 5, 7]])
     pixels = [torch.zeros(1, 3, 56, 56)]
-    with pytest.raises(FeatureCountMismatch, match="2 image placeholder tokens but the images produce 16"):
+    with pytest.raises(
+        FeatureCountMismatch, match="2 image placeholder tokens but the images produce 16"
+    ):
         model.embed(ids, pixels, [(56, 56)])
     with pytest.raises(FeatureCountMismatch, match="produce 0"):
         model.embed(ids)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+)
 
 import llavakit
 from tests.conftest import random_image
@@ -19,8 +23,14 @@ SIZES = {
 
 
 def _hf(path, family):
-    cls = LlavaNextForConditionalGeneration if family == "llava_next" else LlavaForConditionalGeneration
-    return cls.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(path)
+    cls = (
+        LlavaNextForConditionalGeneration
+        if family == "llava_next"
+        else LlavaForConditionalGeneration
+    )
+    return cls.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(
+        path
+    )
 
 
 @pytest.mark.parametrize("fixture", list(SIZES))
@@ -30,7 +40,9 @@ def test_matches_transformers(fixture, request):
     hf_model, hf_proc = _hf(path, pipe.model.config.family)
     for i, (width, height) in enumerate(SIZES[fixture]):
         image = random_image(width, height, seed=i)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
+        ]
         text = hf_proc.apply_chat_template(messages, add_generation_prompt=True)
         inputs = hf_proc(images=image, text=text, return_tensors="pt")
 
@@ -43,12 +55,16 @@ def test_matches_transformers(fixture, request):
         batch = pipe.processor.collate([encoded])
         with torch.no_grad():
             theirs = hf_model(**inputs).logits
-            ours = pipe.model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_sizes).logits
+            ours = pipe.model(
+                batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_sizes
+            ).logits
         assert ours.shape == theirs.shape
         assert (ours - theirs).abs().max().item() <= 1e-5
 
         generated = hf_model.generate(**inputs, max_new_tokens=12, do_sample=False)
-        expected = hf_proc.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        expected = hf_proc.decode(
+            generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         assert pipe.chat([image], QUESTION, max_new_tokens=12) == expected
         assert len(expected) > 0
 
@@ -60,5 +76,7 @@ def test_text_only_prompt_matches_transformers(llava15_dir):
     text = hf_proc.apply_chat_template(messages, add_generation_prompt=True)
     inputs = hf_proc(text=text, return_tensors="pt")
     generated = hf_model.generate(**inputs, max_new_tokens=10, do_sample=False)
-    expected = hf_proc.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    expected = hf_proc.decode(
+        generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
     assert pipe.chat(prompt="Hello there", max_new_tokens=10) == expected

@@ -13,19 +13,28 @@ TURNS = [("user", "<image>\nQ1"), ("assistant", "A1"), ("user", "Q2")]
 def test_vicuna_v1_multi_turn_matches_fidelity_example():
     text = get_template("vicuna_v1").render(TURNS)
     assert text == VICUNA_SYSTEM + " USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
-    assert text.startswith("A chat between a curious user and an artificial intelligence assistant.")
+    assert text.startswith(
+        "A chat between a curious user and an artificial intelligence assistant."
+    )
     assert "</s>USER" in text  # no space after </s>
 
 
 def test_llava_v1_differs_only_in_system_text():
     text = get_template("llava_v1").render(TURNS)
-    assert text.startswith("A chat between a curious human and an artificial intelligence assistant.")
-    assert text.endswith("the human's questions. USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:")
+    assert text.startswith(
+        "A chat between a curious human and an artificial intelligence assistant."
+    )
+    assert text.endswith(
+        "the human's questions. USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
+    )
 
 
 def test_plain_is_image_caption_newline():
     plain = get_template("plain")
-    assert plain.render([("user", "<image>\nDescribe it."), ("assistant", "a cat")]) == "<image>a cat\n"
+    assert (
+        plain.render([("user", "<image>\nDescribe it."), ("assistant", "a cat")])
+        == "<image>a cat\n"
+    )
     assert plain.render([("user", "<image>")]) == "<image>"
 
 
@@ -75,7 +84,9 @@ def test_llava_llama_3():
 
 
 def test_system_override_and_no_generation_prompt():
-    text = get_template("vicuna_v1").render([("user", "hi"), ("assistant", "yo")], system="SYS", add_generation_prompt=False)
+    text = get_template("vicuna_v1").render(
+        [("user", "hi"), ("assistant", "yo")], system="SYS", add_generation_prompt=False
+    )
     assert text == "SYS USER: hi ASSISTANT: yo</s>"
 
 
