@@ -178,50 +178,46 @@ def _repl(pipe, images, args, gen) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import copy
+    from pathlib import Path
+
+    import torch
+
     from llavakit.checkpoint import detect_format, load_checkpoint, resolve
     from llavakit.checkpoint.hf import save_hf
-    from llavakit.checkpoint.io import atomic_directory
+    from llavakit.checkpoint.io import refuse_existing
     from llavakit.pipeline import parse_dtype
 
+    dtype = parse_dtype(args.dtype)  # a bad dtype fails before anything is loaded
     if args.input == "demo":
         from llavakit.demo import demo_checkpoint
 
         args.input = str(demo_checkpoint())
-    src = resolve(args.input)
+    src = resolve(args.input).resolve()
+    out = Path(args.output).resolve()
+    if out == src or src in out.parents:
+        raise ValueError(
+            f"{args.output} is inside the input checkpoint; convert never writes into its input"
+        )
+    refuse_existing(out)  # before spending time on loading
     fmt = args.fmt or detect_format(src)
-    if os.path.exists(args.output) and os.path.abspath(args.output) == os.path.abspath(src):
-        raise ValueError("output must differ from input; convert never modifies its input")
-    with atomic_directory(args.output):  # refuse an existing OUT before loading anything
-        pass
-    os.rmdir(args.output)
-    import torch
-
     model, processor = load_checkpoint(
         src, dtype=torch.float32, template=args.template, vision_tower=args.vision_tower, fmt=fmt
     )
+    # The float32 source, untouched by the conversion below, to compare against.
+    reference = (copy.deepcopy(model), copy.deepcopy(processor)) if args.check else None
     if fmt == "original":
         from llavakit.checkpoint.original import add_image_token
 
-        reference = None
-        if args.check:
-            import copy
-
-            reference = (copy.deepcopy(model), copy.deepcopy(processor))
         add_image_token(model, processor)
-    else:
-        reference = (model, processor) if args.check else None
-        if reference is not None and parse_dtype(args.dtype) != torch.float32:
-            import copy  # .to() below casts in place: keep a float32 reference to compare against
-
-            reference = (copy.deepcopy(model), processor)
-    save_hf(model.to(parse_dtype(args.dtype)), processor, args.output)
+    save_hf(model.to(dtype), processor, out)
     print(f"wrote {args.output} ({fmt} -> hf)")
     if reference is not None:
         from llavakit.checkpoint.check import compare_logits
 
-        diff, greedy_same = compare_logits(reference[0], reference[1], args.output)
+        diff, greedy_same = compare_logits(reference[0], reference[1], out)
         print(f"check: max |logit difference| = {diff:.3e}; greedy text identical: {greedy_same}")
-        if diff > 1e-3 and parse_dtype(args.dtype) == torch.float32:
+        if diff > 1e-3 and dtype == torch.float32:
             print("llavakit: error: converted logits differ by more than 1e-3", file=sys.stderr)
             return 1
     return 0

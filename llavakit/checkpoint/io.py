@@ -38,6 +38,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def refuse_existing(out: str | os.PathLike) -> None:
+    """Raise ``OutputExists`` if ``out`` is a file or a non-empty directory."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExists(f"{out} already exists; choose a new output path (nothing was written)")
+
+
 @contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; rename it to ``out`` only on success.
@@ -46,8 +53,8 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     one is complete, so a crash never leaves a half-written checkpoint in its place.
     """
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExists(f"{out} already exists; choose a new output path (nothing was written)")
+    if not overwrite:
+        refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
