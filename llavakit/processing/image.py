@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,9 @@ def _finish(image: Image.Image, limits: ImageLimits, name: str) -> Image.Image:
             f"{limits.max_pixels}-pixel limit (refused before decoding)"
         )
     if min(width, height) < limits.min_side:
-        raise ImageTooSmall(f"{name}: {width}x{height} is too small; at least {limits.min_side}px a side")
+        raise ImageTooSmall(
+            f"{name}: {width}x{height} is too small; at least {limits.min_side}px a side"
+        )
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
@@ -170,6 +173,7 @@ class ImagePreprocessor:
     aspect: str = "pad"  # square | pad | anyres | anyres_max_N
     pinpoints: tuple[tuple[int, int], ...] = ()  # (height, width)
     resample: int = Image.Resampling.BICUBIC
+    threads: bool = True  # resize base tile and letterbox concurrently (anyres, big images)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """RGB image -> float32 tensor [tiles, 3, crop, crop] (tiles = 1 unless anyres)."""
@@ -186,16 +190,23 @@ class ImagePreprocessor:
         self._normalize_into(out[0], self.resize_crop(image))
         return torch.from_numpy(out)
 
-    def _letterbox(self, image: Image.Image) -> np.ndarray:
-        """The image fitted into its best pinpoint and centred on black, as uint8 HWC."""
+    def _fit(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """The image resized into its best pinpoint: (uint8 HWC pixels, (top, left), (h, w))."""
         width, height = image.size
-        target_h, target_w = select_best_resolution((height, width), [list(p) for p in self.pinpoints])
+        target_h, target_w = select_best_resolution(
+            (height, width), [list(p) for p in self.pinpoints]
+        )
         new_h, new_w = fit_size((height, width), (target_h, target_w))
         if (new_w, new_h) != (width, height):  # PIL returns an identical copy otherwise
             image = image.resize((new_w, new_h), self.resample)
-        canvas = np.zeros((target_h, target_w, 3), dtype=np.uint8)
-        top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
-        canvas[top : top + new_h, left : left + new_w] = np.asarray(image)
+        offset = ((target_h - new_h) // 2, (target_w - new_w) // 2)
+        return np.asarray(image), offset, (target_h, target_w)
+
+    def _letterbox(self, image: Image.Image) -> np.ndarray:
+        """The image fitted into its best pinpoint and centred on black, as uint8 HWC."""
+        pixels, (top, left), target = self._fit(image)
+        canvas = np.zeros((*target, 3), dtype=np.uint8)
+        canvas[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
         return canvas
 
     def _base(self, image: Image.Image) -> Image.Image:
@@ -204,8 +215,7 @@ class ImagePreprocessor:
             return image
         return image.resize((self.size, self.size), self.resample)
 
-    def _tile_boxes(self, canvas: np.ndarray) -> list[tuple[int, int]]:
-        height, width = canvas.shape[:2]
+    def _tile_boxes(self, height: int, width: int) -> list[tuple[int, int]]:
         side = self.crop_size
         return [(y, x) for y in range(0, height, side) for x in range(0, width, side)]
 
@@ -219,22 +229,42 @@ class ImagePreprocessor:
         side = self.crop_size
         tiles = [
             Image.fromarray(np.ascontiguousarray(canvas[y : y + side, x : x + side]))
-            for y, x in self._tile_boxes(canvas)
+            for y, x in self._tile_boxes(*canvas.shape[:2])
         ]
         return [self._base(image), *tiles]
 
     def _anyres(self, image: Image.Image) -> np.ndarray:
-        canvas = self._letterbox(image)
-        boxes = self._tile_boxes(canvas)
         side = self.crop_size
+        # The two bicubic resizes (base tile, letterboxed image) dominate the cost; PIL releases
+        # the GIL while resizing, so on big images the base one runs on a helper thread.
+        base = None
+        if self.threads and image.width * image.height >= PARALLEL_MIN_PIXELS:
+            base = _resize_pool().submit(self._base, image)
+        pixels, (top, left), (target_h, target_w) = self._fit(image)
+        boxes = self._tile_boxes(target_h, target_w)
         out = np.empty((1 + len(boxes), 3, side, side), dtype=np.float32)
-        self._normalize_into(out[0], self.resize_crop(self._base(image)))
-        exact = self.size == side and canvas.shape[0] % side == 0 and canvas.shape[1] % side == 0
+        base_image = base.result() if base is not None else self._base(image)
+        self._normalize_into(out[0], self.resize_crop(base_image))
+        if self.size != side or target_h % side or target_w % side:
+            # Unusual settings: tiles are resized and centre-cropped like the base image.
+            canvas = np.zeros((target_h, target_w, 3), dtype=np.uint8)
+            canvas[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
+            for i, (y, x) in enumerate(boxes, start=1):
+                tile = Image.fromarray(np.ascontiguousarray(canvas[y : y + side, x : x + side]))
+                self._normalize_into(out[i], self.resize_crop(tile))
+            return out
+        # Tiles are exactly crop-sized: read them straight from the resized image and fill the
+        # letterbox bars with the normalised value of black, without building the canvas.
+        bottom, right = top + pixels.shape[0], left + pixels.shape[1]
+        black = _lookup_table(self.mean, self.std)[:, 0]
         for i, (y, x) in enumerate(boxes, start=1):
-            tile = canvas[y : y + side, x : x + side]
-            if not exact:  # tiles go through resize + centre crop like the base image
-                tile = self.resize_crop(Image.fromarray(np.ascontiguousarray(tile)))
-            self._normalize_into(out[i], tile)
+            y0, y1 = max(y, top), min(y + side, bottom)
+            x0, x1 = max(x, left), min(x + side, right)
+            inner = pixels[y0 - top : y1 - top, x0 - left : x1 - left]
+            if inner.shape[:2] != (side, side):
+                out[i] = black[:, None, None]
+            if inner.size:
+                self._normalize_into(out[i, :, y0 - y : y1 - y, x0 - x : x1 - x], inner)
         return out
 
     def resize_crop(self, image: Image.Image) -> np.ndarray:
@@ -270,6 +300,17 @@ class ImagePreprocessor:
         table = _lookup_table(self.mean, self.std)
         for c in range(3):
             np.take(table[c], pixels[:, :, c], out=out[c], mode="clip")
+
+
+PARALLEL_MIN_PIXELS = 250_000
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _resize_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llavakit-resize")
+    return _POOL
 
 
 _TABLES: dict[tuple, np.ndarray] = {}
