@@ -71,11 +71,44 @@ def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> Ima
     return _decode(path.read_bytes(), limits, text)
 
 
+def check_public_url(url: str) -> None:
+    """Refuse URLs whose host resolves to a private, loopback, link-local or reserved address,
+    so enabling URL fetching cannot be used to reach the machine's own network."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname
+    if not host:
+        raise ImageURLNotAllowed(f"{url}: no host in the URL")
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        raise ImageDecodeError(f"{url}: cannot resolve host {host!r}") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise ImageURLNotAllowed(f"{url}: {host} resolves to non-public address {address}")
+
+
 def _fetch(url: str, limits: ImageLimits) -> bytes:
+    """Download an image URL: public hosts only, no redirects, at most ``max_bytes``."""
+    import urllib.error
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=limits.url_timeout) as response:  # noqa: S310
-        data = response.read(limits.max_bytes + 1)
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
+            raise ImageURLNotAllowed(f"{url}: redirects are not followed (to {newurl})")
+
+    check_public_url(url)
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(url, timeout=limits.url_timeout) as response:
+            data = response.read(limits.max_bytes + 1)
+    except ImageError:
+        raise
+    except (urllib.error.URLError, OSError) as exc:
+        raise ImageDecodeError(f"{url}: download failed ({exc})") from None
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"{url}: more than {limits.max_bytes} bytes")
     return data
@@ -112,9 +145,7 @@ def _finish(image: Image.Image, limits: ImageLimits, name: str) -> Image.Image:
             f"{name}: {width}x{height} is too small; at least {limits.min_side}px a side"
         )
     try:
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
-        image.load()
+        image.load()  # animations open on their first frame; only that one is decoded
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
     except ImageError:

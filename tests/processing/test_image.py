@@ -445,3 +445,18 @@ def test_sources_agree(tmp_path):
         image = load_image(item)
         assert image.mode == "RGB"
         assert np.array_equal(np.asarray(image), expected)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000/x.png",
+        "http://localhost/x.png",
+        "https://10.1.2.3/a.jpg",
+        "http://[::1]/a",
+    ],
+)
+def test_url_to_private_or_loopback_address_is_refused(url):
+    limits = ImageLimits(allow_urls=True)
+    with pytest.raises(ImageURLNotAllowed, match="non-public address"):
+        load_image(url, limits)
