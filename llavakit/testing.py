@@ -63,6 +63,7 @@ def tiny_config(
     strategy: str = "default",
     template: str = "vicuna_v1",
     image_token_id: int | None = None,
+    image_token_style: str | None = None,
     image_aspect_ratio: str | None = None,
     max_positions: int = 1024,
 ) -> LlavaConfig:
@@ -106,6 +107,9 @@ def tiny_config(
         image_aspect_ratio=aspect,
         image_grid_pinpoints=pins if aspect.startswith("anyres") else [],
         image_token_id=image_token_id if image_token_id is not None else -200,
+        # without a vocabulary id for <image>, tokenize like the original (sentinel -200)
+        image_token_style=image_token_style
+        or ("token" if image_token_id is not None else "sentinel"),
         template=template,
     )
 

@@ -116,3 +116,26 @@ def test_feature_count_mismatch_is_specific():
         model.embed(ids, pixels, [(56, 56)])
     with pytest.raises(FeatureCountMismatch, match="produce 0"):
         model.embed(ids)
+
+
+@pytest.mark.parametrize(
+    ("aspect", "merge"),
+    [
+        ("anyres", "spatial_unpad"),
+        ("anyres", "flat"),
+        ("anyres", "spatial"),
+        ("anyres_max_2", "spatial_unpad"),
+    ],
+)
+def test_encoded_length_equals_predicted_count(aspect, merge):
+    cfg = tiny_config(family="llava_next", image_aspect_ratio=aspect)
+    cfg.patch_merge_type = merge
+    model = LlavaForCausalLM(cfg).eval()
+    from llavakit.processing.processor import image_preprocessor_for
+
+    prep = image_preprocessor_for(cfg)
+    for w, h in [(200, 40), (40, 200), (120, 120), (7, 9)]:
+        image = random_image(w, h)
+        with torch.no_grad():
+            feats = model.encode_images([prep(image)], [(h, w)])
+        assert feats.shape[0] == image_token_count(cfg, (h, w))
