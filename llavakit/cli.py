@@ -9,6 +9,10 @@ from collections.abc import Sequence
 
 EXAMPLES = {
     "chat": 'example: llavakit chat --image photo.jpg "What is in this picture?"',
+    "train": "example: llavakit train recipes/demo/stage1.yaml  (or the original flags: "
+    "--model_name_or_path LLM --version plain --data_path data.json --image_folder images "
+    "--vision_tower TOWER --tune_mm_mlp_adapter True --output_dir out)",
+    "validate-data": "example: llavakit validate-data data.json --image-folder images --model demo",
     "convert": "example: llavakit convert liuhaotian-llava-v1.5-7b llava-1.5-7b-hf --from original --check",
 }
 
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--from",
         dest="fmt",
-        choices=["original", "hf"],
+        choices=["original", "hf", "lora"],
         default=None,
         help="input layout (default: detect)",
     )
@@ -73,18 +77,35 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--check", action="store_true", help="compare logits of input and output on a sample"
     )
+    sub.add_parser(
+        "train",
+        help="train a LLaVA stage (original LLaVA flags or a YAML recipe)",
+        epilog=EXAMPLES["train"],
+        add_help=False,
+    )
+    from llavakit.data.validate import add_validate_parser
+
+    add_validate_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     from llavakit.errors import LlavakitError
+
+    if argv[:1] == ["train"]:
+        return _train(argv[1:])
+    args = build_parser().parse_args(argv)
 
     try:
         if args.command == "chat":
             return _chat(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "validate-data":
+            from llavakit.data.validate import run_validate
+
+            return run_validate(args)
     except LlavakitError as exc:
         print(f"llavakit: error: {exc}", file=sys.stderr)
         return 2
@@ -95,6 +116,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("", file=sys.stderr)
         return 130
     return 1
+
+
+def _train(argv: list[str]) -> int:
+    from llavakit.errors import LlavakitError
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(EXAMPLES["train"])
+    try:
+        from llavakit.train.run import train
+
+        out = train(argv)
+    except LlavakitError as exc:
+        print(f"llavakit: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"llavakit: training finished; outputs in {out}")
+    return 0
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict:

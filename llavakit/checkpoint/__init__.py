@@ -12,9 +12,12 @@ from llavakit.errors import CheckpointError
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """ "hf" (transformers llava / llava_next) or "original" (liuhaotian mm_* config)."""
+    """ "hf" (transformers llava / llava_next), "original" (liuhaotian mm_* config) or "lora"
+    (a llavakit LoRA training run: adapter + non-LoRA trainables)."""
     from llavakit.checkpoint.original import is_original
 
+    if (Path(path) / "llavakit_train.json").is_file() and (Path(path) / "adapter").is_dir():
+        return "lora"
     config = Path(path) / "config.json"
     if not config.is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
@@ -66,4 +69,13 @@ def load_checkpoint(
         from llavakit.checkpoint.hf import load_hf
 
         return load_hf(root, dtype=dtype, template=template)
-    raise CheckpointError(f"unknown checkpoint format {fmt!r}; use hf or original")
+    if fmt == "lora":
+        from llavakit.train.export import load_lora_run
+
+        model, processor = load_lora_run(root, dtype=dtype)
+        if template:
+            from llavakit.processing.templates import get_template
+
+            processor.template = get_template(template)
+        return model, processor
+    raise CheckpointError(f"unknown checkpoint format {fmt!r}; use hf, original or lora")

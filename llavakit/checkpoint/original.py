@@ -210,6 +210,10 @@ def load_projector(model: LlavaForCausalLM, path: str | os.PathLike) -> None:
         mapped, _ = _projector_keys(state)
         state = {k.removeprefix("multi_modal_projector."): v for k, v in mapped.items()}
     state = {k.removeprefix("multi_modal_projector."): v for k, v in state.items()}
+    newline = state.pop("image_newline", None)
+    if newline is not None and getattr(model, "image_newline", None) is not None:
+        with torch.no_grad():
+            model.image_newline.copy_(newline)
     expected = model.multi_modal_projector.state_dict()
     for key, value in state.items():
         if key not in expected or expected[key].shape != value.shape:

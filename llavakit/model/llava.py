@@ -52,20 +52,40 @@ def image_token_count(config: LlavaConfig, image_size: tuple[int, int]) -> int:
 class LlavaForCausalLM(nn.Module):
     """A LLaVA model. ``forward`` takes token ids whose image positions hold ``image_token_id``."""
 
-    def __init__(self, config: LlavaConfig) -> None:
+    def __init__(
+        self,
+        config: LlavaConfig,
+        vision_tower: nn.Module | None = None,
+        language_model: nn.Module | None = None,
+    ) -> None:
+        """Build from ``config``; pass pretrained ``vision_tower`` / ``language_model`` modules
+        to assemble a new LLaVA from existing parts (training from an LLM and a vision model)."""
         super().__init__()
         self.config = config
-        self.vision_tower = build_vision_tower(config.vision_config)
+        self.vision_tower = vision_tower or build_vision_tower(config.vision_config)
         vision_dim = config.vision_config.hidden_size * config.num_feature_layers
         text_dim = config.text_config.hidden_size
         self.multi_modal_projector = Projector(
             config.projector_type, vision_dim, text_dim, bias=config.projector_bias
         )
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         if config.family == "llava_next" and "unpad" in config.patch_merge_type:
             self.image_newline = nn.Parameter(torch.zeros(text_dim))
         else:
             self.image_newline = None
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None
+    ) -> None:
+        """Recompute activations in backward (LM and, if it trains, the vision tower)."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if any(p.requires_grad for p in self.vision_tower.parameters()):
+            self.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.language_model.gradient_checkpointing_disable()
+        self.vision_tower.gradient_checkpointing_disable()
 
     @property
     def device(self) -> torch.device:

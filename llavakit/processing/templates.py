@@ -162,6 +162,14 @@ for _t in (
         stop=("<|im_end|>",),
     ),
     Template(
+        "chatml_nosystem",  # ChatML without a system turn (short prompts; the demo model)
+        "chatml",
+        "",
+        roles=("<|im_start|>user", "<|im_start|>assistant"),
+        sep="<|im_end|>",
+        stop=("<|im_end|>",),
+    ),
+    Template(
         "chatml_direct",
         "mpt",
         "Answer the questions.",

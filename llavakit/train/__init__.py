@@ -1,0 +1,1 @@
+"""Training: both LLaVA stages on transformers' Trainer, with the original flag names."""
