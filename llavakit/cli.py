@@ -127,7 +127,7 @@ def _train(argv: list[str]) -> int:
         from llavakit.train.run import train
 
         out = train(argv)
-    except LlavakitError as exc:
+    except (LlavakitError, ValueError, OSError) as exc:  # bad flags / data / paths: one line
         print(f"llavakit: error: {exc}", file=sys.stderr)
         return 2
     print(f"llavakit: training finished; outputs in {out}")

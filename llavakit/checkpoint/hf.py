@@ -148,23 +148,51 @@ def _hf_processor(config: LlavaConfig, processor: LlavaProcessor):
 
 
 def jinja_for(template) -> str | None:
-    """A Jinja chat template equal to a "two"-style llavakit template (vicuna_v1, llava_v1)."""
-    if template.style != "two":
+    """A Jinja chat template that renders like a llavakit template ("two" and "chatml" styles), so
+    transformers users of a saved checkpoint get the prompt the model was trained with.
+
+    Literal text is emitted through ``{{ "..." }}`` expressions: transformers renders chat
+    templates with trim_blocks, which would eat newlines written after block tags.
+    """
+    if template.style not in ("two", "chatml"):
         return None
-    system = template.system.replace("'", "\\'")
+
+    def lit(text: str) -> str:
+        return "{{ " + json.dumps(text) + " }}"
+
     user, assistant = template.roles
-    return (
-        "{% set system = '" + system + "' %}"
-        "{% for m in messages %}{% if m['role'] == 'system' %}{% set system = m['content'] %}{% endif %}{% endfor %}"
-        "{{ system + ' ' }}"
-        "{% for m in messages if m['role'] != 'system' %}"
-        "{% if m['content'] is string %}{% set text = m['content'] %}{% else %}"
-        "{% set text = namespace(v='') %}"
-        "{% for c in m['content'] if c['type'] == 'image' %}{% set text.v = text.v + '<image>\\n' %}{% endfor %}"
-        "{% for c in m['content'] if c['type'] == 'text' %}{% set text.v = text.v + c['text'] %}{% endfor %}"
-        "{% set text = text.v %}{% endif %}"
-        "{% if m['role'] == 'user' %}{{ '" + user + ": ' + text + ' ' }}"
-        "{% else %}{{ '" + assistant + ": ' + text + '</s>' }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '" + assistant + ":' }}{% endif %}"
+    out = (
+        "{% set ns = namespace(system=" + json.dumps(template.system) + ") %}"
+        "{% for m in messages if m['role'] == 'system' %}{% set ns.system = m['content'] %}{% endfor %}"
+        "{% macro text(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] if c['type'] == 'image' %}" + lit("<image>\n") + "{% endfor %}"
+        "{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}"
+        "{% endif %}{% endmacro %}"
+    )
+    if template.style == "two":
+        return out + (
+            "{{ ns.system + " + json.dumps(template.sep) + " }}"
+            "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
+            + lit(user + ": ")
+            + "{{ text(m) }}"
+            + lit(template.sep)
+            + "{% else %}"
+            + lit(assistant + ": ")
+            + "{{ text(m) }}"
+            + lit(template.sep2)
+            + "{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}" + lit(assistant + ":") + "{% endif %}"
+        )
+    return out + (
+        "{% if ns.system %}"
+        + lit("<|im_start|>system\n")
+        + "{{ ns.system }}"
+        + lit(template.sep + "\n")
+        + "{% endif %}{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
+        + lit(user + "\n")
+        + "{% else %}"
+        + lit(assistant + "\n")
+        + "{% endif %}"
+        "{{ text(m) }}" + lit(template.sep + "\n") + "{% endfor %}"
+        "{% if add_generation_prompt %}" + lit(assistant + "\n") + "{% endif %}"
     )

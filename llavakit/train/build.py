@@ -101,9 +101,7 @@ def new_llava(
         quantization_config=quant,
         trust_remote_code=False,
     )
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=False
-    )
+    tokenizer = AutoTokenizer.from_pretrained(lm_path, trust_remote_code=False)
     tower, image = load_vision_tower(model_args.vision_tower)
     config = LlavaConfig(
         vision_config=tower.config,

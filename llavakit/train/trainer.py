@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+from contextlib import nullcontext
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,6 +17,28 @@ from transformers import Trainer, TrainerCallback
 from llavakit.errors import CheckpointError
 
 TRAINABLE_FILE = "trainable.safetensors"
+
+
+def gathered(params):
+    """A context in which ZeRO-3-partitioned parameters hold their full data on every rank
+    (a collective: every rank must enter it); a no-op for ordinary parameters."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def full_state(named_params) -> dict[str, torch.Tensor]:
+    """{name: a full CPU copy} of the given (name, parameter) pairs, gathered under ZeRO-3."""
+    named = list(named_params)
+    with gathered([p for _, p in named]):
+        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return full_state((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
 
 class ModalityGroupedSampler(Sampler[int]):
@@ -90,14 +113,25 @@ class LlavaTrainer(Trainer):
         return self.optimizer
 
     # -- checkpoints: only trainable weights, written to a staging dir then renamed -------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.is_deepspeed_enabled:
+            # Trainer would gather the whole model (ZeRO-3); gather only what trains, on every
+            # rank (a collective), and let the main process write it
+            state = trainable_state(self.accelerator.unwrap_model(self.model))
+            self._save(output_dir, state_dict=state)
+            return
+        super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Only the main process writes: under DeepSpeed the trainables save_model gathered,
+        else the trainable parameters (a full state_dict passed by other paths is not wanted)."""
+        if not self.args.should_save:
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        state = {
-            n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
-        }
-        save_file(state, os.path.join(output_dir, TRAINABLE_FILE), metadata={"format": "pt"})
+        if state_dict is None or not self.is_deepspeed_enabled:
+            state_dict = trainable_state(self.accelerator.unwrap_model(self.model))
+        save_file(state_dict, os.path.join(output_dir, TRAINABLE_FILE), metadata={"format": "pt"})
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -125,6 +159,9 @@ class LlavaTrainer(Trainer):
         run_dir = self._get_output_dir(trial=trial)
         name = f"checkpoint-{self.state.global_step}"
         staging_root = os.path.join(run_dir, ".staging")
+        if self.args.should_save:  # leftovers of a killed run must not end up in this one
+            shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         real = self._get_output_dir
         self._get_output_dir = lambda trial=None: staging_root
         try:
@@ -159,6 +196,22 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, output_dir: str) -> None:
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.png = os.path.join(output_dir, "training_curves.png")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """On resume, drop the rows the killed run logged after its checkpoint (they are logged
+        again), so metrics.jsonl stays one row per step."""
+        if not state.is_world_process_zero or not state.global_step:
+            return
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = [line for line in lines if json.loads(line).get("step", 0) <= state.global_step]
+        if len(keep) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -135,7 +135,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=64, help="per task per step")
+    parser.add_argument("--batch", type=int, default=32, help="scene images per step")
+    parser.add_argument(
+        "--fashion-batch", type=int, default=96, help="Fashion-MNIST images per step"
+    )
     parser.add_argument("--scenes", type=int, default=20000)
     parser.add_argument("--hidden", type=int, default=192)
     parser.add_argument("--layers", type=int, default=6)
@@ -177,7 +180,7 @@ def main() -> None:
     log = []
     for step in range(1, args.steps + 1):
         si = rng.integers(0, len(scenes[0]), args.batch)
-        fi = rng.integers(0, len(f_train[0]), args.batch)
+        fi = rng.integers(0, len(f_train[0]), args.fashion_batch)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             s_logits = heads(patch_tokens(tower, norm(scenes[0][si])), "scene")
             f_logits = heads(

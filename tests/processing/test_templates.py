@@ -99,3 +99,27 @@ def test_stop_strings_are_end_of_turn_separators():
 def test_unknown_template_names_the_known_ones():
     with pytest.raises(UnknownTemplate, match="vicuna_v1"):
         get_template("nope")
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1", "qwen_2", "chatml_nosystem"])
+def test_saved_jinja_template_renders_like_llavakit(name):
+    """Checkpoints carry a Jinja chat template so transformers builds the same prompt."""
+    from llavakit.checkpoint.hf import jinja_for
+    from llavakit.testing import tiny_tokenizer
+
+    template = get_template(name)
+    tok = tiny_tokenizer()
+    tok.chat_template = jinja_for(template)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q1"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A1"}]},
+        {"role": "user", "content": "Q2"},
+    ]
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == template.render(TURNS)
+    with_system = tok.apply_chat_template(
+        [{"role": "system", "content": "SYS"}, *messages[:1]],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert with_system == template.render(TURNS[:1], system="SYS")

