@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/llavakit chat --image examples/cat.jpg --max-new-tokens 24 "What animal is in this picture?"
+	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "How many shapes are there?"
+	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "What shape is the yellow object?"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -23,8 +23,9 @@ CORPUS = [
 ]
 
 
-def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer with <s>, </s>, <unk>, <pad> and an added <image> token."""
+def tiny_tokenizer(vocab_size: int = 320, image_token: bool = True):
+    """A byte-level BPE tokenizer with <s>, </s>, <unk>, <pad> and (unless ``image_token`` is
+    False, like LLaMA's own) an added <image> token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,7 +50,8 @@ def tiny_tokenizer(vocab_size: int = 320):
         unk_token="<unk>",
         pad_token="<pad>",
     )
-    fast.add_tokens(["<image>"], special_tokens=True)
+    if image_token:
+        fast.add_tokens(["<image>"], special_tokens=True)
     return fast
 
 

@@ -205,7 +205,11 @@ def save_run(model, processor, out: Path, model_args, data_args, training_args) 
         lora = [p for p in model.language_model.parameters() if p.requires_grad]
         with gathered(lora):
             if write:
-                model.language_model.save_pretrained(str(out / "adapter"))
+                # The LM is frozen under LoRA: resized embedding rows are rebuilt deterministically, so
+                # only the adapter is saved (peft would otherwise add whole embedding matrices).
+                model.language_model.save_pretrained(
+                    str(out / "adapter"), save_embedding_layers=False
+                )
         if write:
             _atomic_save(trainables, out / "non_lora_trainables.safetensors")
     else:

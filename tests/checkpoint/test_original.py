@@ -29,7 +29,7 @@ import llavakit
 from llavakit.checkpoint.original import load_projector
 from llavakit.cli import main
 from llavakit.errors import CheckpointError
-from llavakit.testing import CORPUS, randomize
+from llavakit.testing import randomize, tiny_tokenizer
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -44,31 +44,8 @@ N_PATCHES = (CROP // 14) ** 2
 
 
 def tokenizer_without_image_token():
-    """Like ``llavakit.testing.tiny_tokenizer`` but, like LLaMA's, with no ``<image>`` token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-    )
+    """Like LLaMA's tokenizer: no ``<image>`` token (the original marks images with -200)."""
+    return tiny_tokenizer(VOCAB, image_token=False)
 
 
 def text_config(vocab_size: int) -> LlamaConfig:

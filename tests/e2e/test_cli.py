@@ -86,8 +86,13 @@ def test_every_command_has_help_with_an_example():
         assert "example: llavakit " + command in result.stdout
 
 
-def test_load_without_argument_gives_the_demo_model(tmp_path, monkeypatch):
+def test_load_without_argument_falls_back_to_an_untrained_demo(tmp_path, monkeypatch, capsys):
+    """A checkout without the bundled demo weights still runs, and says the model is untrained."""
+    import llavakit.demo
+
     monkeypatch.setenv("LLAVAKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(llavakit.demo, "BUNDLED", tmp_path / "no-bundle")
     pipe = llavakit.load(dtype="float32")
+    assert "UNTRAINED" in capsys.readouterr().err
     assert os.path.isdir(tmp_path / "untrained-demo")
     assert isinstance(pipe.chat([random_image(30, 30)], "hi", max_new_tokens=3), str)
