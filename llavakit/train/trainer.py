@@ -104,9 +104,9 @@ class LlavaTrainer(Trainer):
             )
             wd = self.args.weight_decay if name in decay else 0.0
             groups.setdefault((lr, wd), []).append(param)
-        param_groups = [
-            {"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()
-        ]
+        # The Trainer logs the first group's learning rate: put the run's own --learning_rate first.
+        order = sorted(groups, key=lambda key: key[0] != self.args.learning_rate)
+        param_groups = [{"params": groups[k], "lr": k[0], "weight_decay": k[1]} for k in order]
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
