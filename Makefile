@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
+	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "What colour is the circle?"
 	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "How many shapes are there?"
 	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "What shape is the yellow object?"
 
