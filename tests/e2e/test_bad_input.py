@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import io
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
@@ -15,24 +13,7 @@ from PIL import Image
 import llavakit
 from llavakit import errors
 from llavakit.cli import main
-from tests.conftest import random_image
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR claims width x height (a decompression bomb header)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
+from tests.conftest import png_claiming, random_image
 
 
 def _jpeg_bytes(image: Image.Image) -> bytes:
@@ -48,7 +29,7 @@ def bad_files(tmp_path_factory):
     (d / "empty.png").write_bytes(b"")
     (d / "truncated.jpg").write_bytes(_jpeg_bytes(random_image(120, 90))[:700])
     Image.new("RGB", (1, 1), (9, 9, 9)).save(d / "one.png")
-    (d / "bomb.png").write_bytes(_png_claiming(30000, 30000))
+    (d / "bomb.png").write_bytes(png_claiming(30000, 30000))
     return d
 
 

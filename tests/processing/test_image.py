@@ -8,9 +8,7 @@ letterboxing, tiling or normalisation shows up as a pixel difference.
 from __future__ import annotations
 
 import io
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +40,7 @@ from llavakit.processing.image import (
 )
 from llavakit.processing.processor import image_preprocessor_for
 from llavakit.testing import tiny_config, tiny_tokenizer
+from tests.conftest import png_claiming
 
 CROP = 336
 CLIP_PAD = (122, 116, 104)
@@ -262,21 +261,6 @@ def encode(image: Image.Image, fmt: str, **save_kwargs) -> bytes:
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A valid PNG header for width x height RGB, with a few bytes of pixel data."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", header)
-        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + png_chunk(b"IEND", b"")
-    )
 
 
 def test_missing_file(tmp_path):
