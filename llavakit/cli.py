@@ -13,6 +13,11 @@ EXAMPLES = {
     "--model_name_or_path LLM --version plain --data_path data.json --image_folder images "
     "--vision_tower TOWER --tune_mm_mlp_adapter True --output_dir out)",
     "validate-data": "example: llavakit validate-data data.json --image-folder images --model demo",
+    "serve": "example: llavakit serve --model demo --port 8000  (then: curl "
+    "http://127.0.0.1:8000/v1/models; web UI at http://127.0.0.1:8000/ui)",
+    "controller": "example: llavakit controller --port 10000",
+    "worker": "example: llavakit worker --controller http://127.0.0.1:10000 --port 40000 --model demo",
+    "web": "example: llavakit web --controller http://127.0.0.1:10000 --port 7860",
     "convert": "example: llavakit convert liuhaotian-llava-v1.5-7b llava-1.5-7b-hf --from original --check",
 }
 
@@ -86,7 +91,120 @@ def build_parser() -> argparse.ArgumentParser:
     from llavakit.data.validate import add_validate_parser
 
     add_validate_parser(sub)
+    _add_serving_parsers(sub)
     return parser
+
+
+def _add_serving_parsers(sub) -> None:
+    serve = sub.add_parser(
+        "serve", help="OpenAI-compatible API server (+ web UI at /ui)", epilog=EXAMPLES["serve"]
+    )
+    worker = sub.add_parser(
+        "worker", help="LLaVA model worker (registers with a controller)", epilog=EXAMPLES["worker"]
+    )
+    for p in (serve, worker):
+        p.add_argument("--model", default="demo", help="checkpoint (default: bundled demo)")
+        p.add_argument("--name", default=None, help="model name clients use (default: dir name)")
+        p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
+        p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
+        p.add_argument("--quantize", default=None, choices=["int8", "bnb8", "bnb4"])
+        p.add_argument("--max-batch", type=int, default=16, help="running batch slots")
+        p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+        p.add_argument("--max-images", type=int, default=4, help="images per request")
+        p.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit")
+        p.add_argument("--max-pixels", type=int, default=16_000_000, help="pixels per image")
+        p.add_argument(
+            "--allow-url-fetch",
+            action="store_true",
+            help="fetch http(s) image URLs (public addresses only)",
+        )
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("LLAVAKIT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $LLAVAKIT_API_KEY)",
+    )
+    serve.add_argument("--no-ui", action="store_true", help="do not mount the Gradio UI")
+    worker.add_argument("--port", type=int, default=40000)
+    worker.add_argument("--controller", default="http://127.0.0.1:10000")
+    worker.add_argument(
+        "--worker-address", default=None, help="address the controller uses (default: host:port)"
+    )
+    worker.add_argument("--heartbeat", type=float, default=15.0, help="seconds between beats")
+    controller = sub.add_parser(
+        "controller",
+        help="LLaVA controller: workers register, clients dispatch",
+        epilog=EXAMPLES["controller"],
+    )
+    controller.add_argument("--host", default="127.0.0.1")
+    controller.add_argument("--port", type=int, default=10000)
+    controller.add_argument(
+        "--heartbeat-expiry", type=float, default=45.0, help="drop workers silent this long"
+    )
+    web = sub.add_parser(
+        "web", help="Gradio web UI over a controller's models", epilog=EXAMPLES["web"]
+    )
+    web.add_argument("--controller", default="http://127.0.0.1:10000")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--side-by-side", action="store_true", help="compare two models")
+
+
+def _limits(args):
+    from llavakit.serve.requests import ServeLimits
+
+    return ServeLimits(
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_images=args.max_images,
+        max_pixels=args.max_pixels,
+        allow_url_fetch=args.allow_url_fetch,
+    )
+
+
+def _serving(args) -> int:
+    dtype = None if args.dtype == "auto" else args.dtype
+    if args.command == "serve":
+        from llavakit.serve.api import serve
+
+        serve(
+            args.model,
+            args.host,
+            args.port,
+            api_key=args.api_key,
+            name=args.name,
+            dtype=dtype,
+            limits=_limits(args),
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            ui=not args.no_ui,
+            quantize=args.quantize,
+        )
+    elif args.command == "worker":
+        from llavakit.serve.worker import run_worker
+
+        run_worker(
+            args.model,
+            args.controller,
+            args.host,
+            args.port,
+            args.worker_address,
+            name=args.name,
+            dtype=dtype,
+            limits=_limits(args),
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            heartbeat=args.heartbeat,
+            quantize=args.quantize,
+        )
+    elif args.command == "controller":
+        from llavakit.serve.controller import run_controller
+
+        run_controller(args.host, args.port, args.heartbeat_expiry)
+    else:
+        from llavakit.serve.web import run_web
+
+        run_web(args.controller, args.host, args.port, args.side_by_side)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _chat(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command in ("serve", "worker", "controller", "web"):
+            return _serving(args)
         if args.command == "validate-data":
             from llavakit.data.validate import run_validate
 

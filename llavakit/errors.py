@@ -83,3 +83,11 @@ class UnknownTemplate(LlavakitError, KeyError):
 
 class OutputExists(LlavakitError, FileExistsError):
     """Refusing to overwrite an existing output."""
+
+
+class EngineBusy(LlavakitError):
+    """The engine's waiting queue is full; try again later (HTTP 429)."""
+
+
+class EngineStopped(LlavakitError):
+    """The engine was shut down (HTTP 503)."""

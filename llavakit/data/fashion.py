@@ -172,8 +172,8 @@ def write_dataset(
     records = []
     for i in _indices(len(labels), n, seed):
         label = int(labels[i])
-        rel = f"images/fashion_{split}_{i:05d}.png"
-        if not (out / rel).is_file():  # the same picture serves every kind and seed
+        rel = f"images/fashion_{split}_{i:05d}_{size}px.png"
+        if not (out / rel).is_file():  # one picture per size serves every kind and seed
             to_image(images[i], size).save(out / rel, compress_level=1)
         question = requests[int(rng.integers(len(requests)))]
         answer = NAMES[label] if kind == "qa" else caption(label)

@@ -333,6 +333,29 @@ def generate(
     return out
 
 
+def conversations(
+    n: int, seed: int = 0, split: str = "train", max_turns: int = 3, phrasing: str = "train"
+) -> list[tuple[Scene, list[tuple[str, str, str]]]]:
+    """``n`` scenes, each with 1..max_turns (question, answer, qtype) turns of distinct types.
+
+    Multi-turn records (as in LLaVA-Instruct) supervise several answers per image for the
+    cost of encoding it once. The first turn's type cycles, so each type gets its share.
+    """
+    if not 1 <= max_turns <= len(QTYPES):
+        raise ValueError(f"max_turns must be 1..{len(QTYPES)}, got {max_turns}")
+    rng = _rng(seed, split, f"conversation{max_turns}")
+    _phrasings(phrasing)
+    out = []
+    for i in range(n):
+        scene = random_scene(rng, split)
+        first = QTYPES[i % len(QTYPES)]
+        others = [QTYPES[j] for j in rng.permutation(len(QTYPES)) if QTYPES[j] != first]
+        turns = int(rng.integers(1, max_turns + 1))
+        qtypes = [first, *others[: turns - 1]]
+        out.append((scene, [(*ask(scene, t, rng, phrasing), t) for t in qtypes]))
+    return out
+
+
 def llava_record(ident: str, image: str, question: str | None, answer: str) -> dict:
     """A LLaVA conversation; ``question=None`` gives the stage-1 plain style ("<image>" only)."""
     human = "<image>" if question is None else "<image>\n" + question
@@ -359,15 +382,32 @@ def write_dataset(
     phrasing: str = "train",
     size: int = 56,
     plain: bool = False,
+    max_turns: int = 1,
 ) -> Path:
     """Write PNGs to out_dir/images and return the LLaVA JSON (image paths relative to out_dir).
 
-    ``plain=True`` (captions only) leaves the human turn as bare "<image>" for stage 1.
+    ``plain=True`` (captions only) leaves the human turn as bare "<image>" for stage 1;
+    ``max_turns > 1`` (QA only) writes multi-turn conversations (see ``conversations``).
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     stem = f"synthetic_{kind}_{split}_s{seed}" + ("_heldout" if phrasing == "heldout" else "")
     records = []
+    if max_turns > 1:
+        if kind != "qa":
+            raise ValueError("max_turns > 1 needs kind='qa'")
+        stem += f"_t{max_turns}"
+        for i, (scene, turns) in enumerate(conversations(n, seed, split, max_turns, phrasing)):
+            ident = f"{stem}_{i:06d}"
+            render_scene(scene, size).save(out / "images" / f"{ident}.png", compress_level=1)
+            record = llava_record(ident, f"images/{ident}.png", turns[0][0], turns[0][1])
+            for question, answer, _ in turns[1:]:
+                record["conversations"] += [
+                    {"from": "human", "value": question},
+                    {"from": "gpt", "value": answer},
+                ]
+            records.append(record)
+        return write_json(out / f"{stem}.json", records)
     for i, (scene, question, answer, _) in enumerate(generate(n, seed, split, kind, phrasing)):
         ident = f"{stem}_{i:06d}"
         render_scene(scene, size).save(out / "images" / f"{ident}.png", compress_level=1)

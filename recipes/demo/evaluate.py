@@ -36,7 +36,8 @@ def answer_all(pipe, items, batch: int, max_new_tokens: int = 8, desc: str = "")
 
 
 def eval_scenes(pipe, n: int, phrasing: str, batch: int) -> dict[str, float]:
-    items = synthetic.eval_items(n, seed=123, phrasing=phrasing, split="test")
+    size = pipe.processor.config.image_size
+    items = synthetic.eval_items(n, seed=123, phrasing=phrasing, split="test", size=size)
     answers = answer_all(
         pipe, [(img, q) for img, q, _, _ in items], batch, desc=f"scenes/{phrasing}"
     )
@@ -48,8 +49,9 @@ def eval_scenes(pipe, n: int, phrasing: str, batch: int) -> dict[str, float]:
 
 
 def eval_fashion(pipe, n: int | None, phrasing: str, batch: int, blind: bool = False) -> float:
-    items = fashion.eval_items("test", n=n, phrasing=phrasing)
-    grey = Image.new("RGB", (56, 56), (128, 128, 128))
+    size = pipe.processor.config.image_size
+    items = fashion.eval_items("test", n=n, phrasing=phrasing, size=size)
+    grey = Image.new("RGB", (size, size), (128, 128, 128))
     pairs = [(grey if blind else img, q) for img, q, _, _ in items]
     answers = answer_all(pipe, pairs, batch, desc=f"fashion/{phrasing}{'/blind' if blind else ''}")
     return sum(

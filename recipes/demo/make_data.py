@@ -96,21 +96,39 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--scene-captions", type=int, default=3000)
     parser.add_argument("--fashion-captions", type=int, default=2000)
-    parser.add_argument("--scene-qa", type=int, default=5000)
-    parser.add_argument("--fashion-qa", type=int, default=3000)
+    parser.add_argument("--scene-qa", type=int, default=6000, help="scene conversations")
+    parser.add_argument("--max-turns", type=int, default=3, help="questions per scene: 1..N")
+    parser.add_argument("--fashion-qa", type=int, default=4000)
+    parser.add_argument("--size", type=int, default=84, help="image side = the tower's input")
     parser.add_argument("--text-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
     load = lambda p: json.loads(Path(p).read_text())  # noqa: E731
     stage1 = load(
-        synthetic.write_dataset(out, args.scene_captions, args.seed, "train", "caption", plain=True)
+        synthetic.write_dataset(
+            out, args.scene_captions, args.seed, "train", "caption", size=args.size, plain=True
+        )
     )
     stage1 += load(
-        fashion.write_dataset(out, "train", args.fashion_captions, args.seed, "caption", plain=True)
+        fashion.write_dataset(
+            out, "train", args.fashion_captions, args.seed, "caption", size=args.size, plain=True
+        )
     )
-    stage2 = load(synthetic.write_dataset(out, args.scene_qa, args.seed + 1, "train", "qa"))
-    stage2 += load(fashion.write_dataset(out, "train", args.fashion_qa, args.seed + 1, "qa"))
+    stage2 = load(
+        synthetic.write_dataset(
+            out,
+            args.scene_qa,
+            args.seed + 1,
+            "train",
+            "qa",
+            size=args.size,
+            max_turns=args.max_turns,
+        )
+    )
+    stage2 += load(
+        fashion.write_dataset(out, "train", args.fashion_qa, args.seed + 1, "qa", size=args.size)
+    )
     stage2 += load(text_only(out)) * args.text_repeats
     rng = random.Random(args.seed)
     rng.shuffle(stage1)

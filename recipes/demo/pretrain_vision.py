@@ -1,13 +1,14 @@
 """Pretrain the demo model's vision tower (a transformers CLIPVisionModel) without the LM.
 
 LLaVA assumes a pretrained, frozen-in-stage-1 vision encoder (CLIP). No CLIP weights install
-offline, so this recipe trains a small ViT first, supervised on what the demo data asks about:
-for synthetic scenes, the (colour, shape, size) in each of the five scene cells, read from the
-patch tokens of the layer LLaVA uses (-2), and for Fashion-MNIST the item's class. Reading
-the targets from the patch tokens (not a CLS head) is what makes those tokens carry the
-information the LM will need. Cheap: no LM in the loop.
+offline, so this recipe trains a small ViT first, supervised on what the demo data asks about,
+token by token on the layer LLaVA reads (-2): at 84 px with 28 px patches the 3x3 tokens are
+exactly the scene's 3x3 cells, and each token learns what its cell holds (colour and shape,
+size), which cell it is and how many objects the scene has; on Fashion-MNIST every token
+learns the item's class. The projector maps tokens one at a time, so only information that
+sits in each token (not spread over all of them) reaches the LM usefully. Cheap: no LM.
 
-    .venv/bin/python recipes/demo/pretrain_vision.py --out work/demo/tower --steps 3000
+    .venv/bin/python recipes/demo/pretrain_vision.py --out work/demo/tower --steps 4500
 """
 
 from __future__ import annotations
@@ -25,109 +26,137 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from llavakit.data import fashion, synthetic
 from llavakit.processing.image import ImagePreprocessor
 
-SIZE, PATCH = 56, 14
 N_CELL_CLASSES = 1 + len(synthetic.COLOURS) * len(synthetic.SHAPES)
+MAX_COUNT = synthetic.MAX_OBJECTS + 1
+# Per-token scene head: what is in this token's cell (kind, size), which cell it is, how many
+# objects the scene has. Every token learns its own cell, so the projector (applied token by
+# token) hands the LM local, position-aware features; every token also learns the item class
+# of a Fashion-MNIST picture, so any of them can answer "what is this?".
+SCENE_OUT = N_CELL_CLASSES + 3 + 9 + MAX_COUNT
+_GRID = {
+    name: (round(y / synthetic._CELL - 0.5), round(x / synthetic._CELL - 0.5))
+    for name, (x, y) in synthetic._CENTRES.items()
+}  # position -> (row, col) of 3x3
 
 
-def scene_targets(scene: synthetic.Scene) -> tuple[list[int], list[int]]:
-    """Per cell (POSITIONS order): 0 = empty or 1 + colour * n_shapes + shape; size 0/1/2."""
-    kind, size = [0] * len(synthetic.POSITIONS), [0] * len(synthetic.POSITIONS)
+def token_cells(grid: int) -> np.ndarray:
+    """For a grid x grid patch layout, the 3x3 scene cell (row * 3 + col) of each token."""
+    centres = (np.arange(grid) + 0.5) / grid
+    rows, cols = np.meshgrid(np.floor(centres * 3), np.floor(centres * 3), indexing="ij")
+    return (rows * 3 + cols).astype(np.int64).ravel()
+
+
+def scene_targets(scene: synthetic.Scene, cells: np.ndarray) -> np.ndarray:
+    """(tokens, 4): kind (0 = empty, else 1 + colour * n_shapes + shape), size, cell, count."""
+    kind, size = np.zeros(9, np.int64), np.zeros(9, np.int64)
     for obj in scene.objects:
-        cell = synthetic.POSITIONS.index(obj.position)
-        kind[cell] = (
+        row, col = _GRID[obj.position]
+        kind[row * 3 + col] = (
             1
             + synthetic.COLOURS.index(obj.colour) * len(synthetic.SHAPES)
             + synthetic.SHAPES.index(obj.shape)
         )
-        size[cell] = 1 + synthetic.SIZES.index(obj.size)
-    return kind, size
+        size[row * 3 + col] = 1 + synthetic.SIZES.index(obj.size)
+    count = np.full(len(cells), len(scene.objects))
+    return np.stack([kind[cells], size[cells], cells, count], axis=1)
 
 
-def make_scenes(n: int, seed: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_scenes(n: int, seed: int, split: str, size: int, cells: np.ndarray):
     rng = np.random.default_rng(seed)
-    images, kinds, sizes = [], [], []
+    images, targets = [], []
     for _ in range(n):
         scene = synthetic.random_scene(rng, split=split)
-        images.append(np.asarray(synthetic.render_scene(scene, SIZE)))
-        k, s = scene_targets(scene)
-        kinds.append(k)
-        sizes.append(s)
-    return np.stack(images), np.array(kinds), np.array(sizes)
+        images.append(np.asarray(synthetic.render_scene(scene, size)))
+        targets.append(scene_targets(scene, cells))
+    return np.stack(images), np.stack(targets)
 
 
-def fashion_images(split: str) -> tuple[np.ndarray, np.ndarray]:
+def fashion_images(split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     raw, labels = fashion.load_split(split)
-    return np.stack([np.asarray(fashion.to_image(a, SIZE)) for a in raw]), labels.astype(np.int64)
+    return np.stack([np.asarray(fashion.to_image(a, size)) for a in raw]), labels.astype(np.int64)
 
 
 class Normalizer:
     """uint8 NHWC batches -> normalised float NCHW, exactly like the LLaVA processor."""
 
-    def __init__(self) -> None:
-        prep = ImagePreprocessor(size=SIZE, crop_size=SIZE, aspect="square")
-        self.prep = prep
+    def __init__(self, size: int) -> None:
+        self.prep = ImagePreprocessor(size=size, crop_size=size, aspect="square")
 
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         return torch.stack([self.prep.normalize(img) for img in batch])
 
 
 def augment_fashion(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random horizontal flips and shifts of up to 4 px (the grey background is black)."""
+    """Random horizontal flips and shifts of up to 1/14 of the side (the background is black)."""
     out = batch.copy()
     flip = rng.random(len(out)) < 0.5
     out[flip] = out[flip, :, ::-1]
-    padded = np.pad(out, ((0, 0), (4, 4), (4, 4), (0, 0)))
-    dy, dx = rng.integers(0, 9, 2)
-    return padded[:, dy : dy + SIZE, dx : dx + SIZE]
+    side = out.shape[1]
+    pad = max(1, side // 14)
+    padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dy, dx = rng.integers(0, 2 * pad + 1, 2)
+    return padded[:, dy : dy + side, dx : dx + side]
 
 
 class Heads(nn.Module):
-    def __init__(self, dim: int, tokens: int) -> None:
+    """Token-wise heads: each patch token is classified on its own."""
+
+    def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        cells = len(synthetic.POSITIONS)
-        self.cells = nn.Linear(dim * tokens, cells * (N_CELL_CLASSES + 3))
-        self.fashion = nn.Linear(dim * tokens, 10)
+        self.scene = nn.Linear(dim, SCENE_OUT)
+        self.fashion = nn.Linear(dim, 10)
 
     def forward(self, patches: torch.Tensor, task: str) -> torch.Tensor:
-        flat = self.norm(patches).flatten(1)
-        return self.cells(flat) if task == "scene" else self.fashion(flat)
+        x = self.norm(patches)
+        return self.scene(x) if task == "scene" else self.fashion(x)
 
 
 def patch_tokens(tower: CLIPVisionModel, pixels: torch.Tensor) -> torch.Tensor:
     return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
 
 
-def scene_loss(logits: torch.Tensor, kinds: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    cells = len(synthetic.POSITIONS)
-    logits = logits.view(-1, cells, N_CELL_CLASSES + 3)
-    return nn.functional.cross_entropy(
-        logits[..., :N_CELL_CLASSES].flatten(0, 1), kinds.flatten()
-    ) + 0.5 * nn.functional.cross_entropy(
-        logits[..., N_CELL_CLASSES:].flatten(0, 1), sizes.flatten()
+def scene_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    k, c = N_CELL_CLASSES, N_CELL_CLASSES + 3
+    ce = nn.functional.cross_entropy
+    return (
+        ce(logits[..., :k].flatten(0, 1), targets[..., 0].flatten())
+        + 0.5 * ce(logits[..., k:c].flatten(0, 1), targets[..., 1].flatten())
+        + 0.2 * ce(logits[..., c : c + 9].flatten(0, 1), targets[..., 2].flatten())
+        + 0.5 * ce(logits[..., c + 9 :].flatten(0, 1), targets[..., 3].flatten())
     )
+
+
+def fashion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    tokens = logits.shape[1]
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(tokens))
 
 
 @torch.no_grad()
 def evaluate(tower, heads, norm, scenes, fashion_test) -> dict[str, float]:
+    """Scenes: every token's kind right (images all right); Fashion: mean token logits."""
     tower.eval()
-    images, kinds, _ = scenes
-    correct_scene = 0
+    images, targets = scenes
+    correct_scene, token_acc = 0, 0.0
     for i in range(0, len(images), 256):
         logits = heads(patch_tokens(tower, norm(images[i : i + 256])), "scene")
-        pred = logits.view(-1, len(synthetic.POSITIONS), N_CELL_CLASSES + 3)[
-            ..., :N_CELL_CLASSES
-        ].argmax(-1)
-        correct_scene += (pred == torch.from_numpy(kinds[i : i + 256])).all(-1).sum().item()
+        pred = logits[..., :N_CELL_CLASSES].argmax(-1)
+        ok = pred == torch.from_numpy(targets[i : i + 256, :, 0])
+        correct_scene += ok.all(-1).sum().item()
+        token_acc += ok.float().mean(-1).sum().item()
     f_images, f_labels = fashion_test
-    correct_fashion = 0
+    correct_fashion, token_fashion = 0, 0.0
     for i in range(0, len(f_images), 256):
-        pred = heads(patch_tokens(tower, norm(f_images[i : i + 256])), "fashion").argmax(-1)
-        correct_fashion += (pred == torch.from_numpy(f_labels[i : i + 256])).sum().item()
+        logits = heads(patch_tokens(tower, norm(f_images[i : i + 256])), "fashion")
+        labels = torch.from_numpy(f_labels[i : i + 256])
+        correct_fashion += (logits.mean(1).argmax(-1) == labels).sum().item()
+        token_fashion += (logits.argmax(-1) == labels[:, None]).float().mean(-1).sum().item()
     tower.train()
     return {
-        "scene_all_cells": correct_scene / len(images),
-        "fashion_test": correct_fashion / len(f_images),
+        "scene_all_tokens": round(correct_scene / len(images), 4),
+        "scene_token": round(token_acc / len(images), 4),
+        "fashion_test": round(correct_fashion / len(f_images), 4),
+        "fashion_test_per_token": round(token_fashion / len(f_images), 4),
     }
 
 
@@ -140,6 +169,8 @@ def main() -> None:
         "--fashion-batch", type=int, default=96, help="Fashion-MNIST images per step"
     )
     parser.add_argument("--scenes", type=int, default=20000)
+    parser.add_argument("--size", type=int, default=84, help="image side (pixels)")
+    parser.add_argument("--patch", type=int, default=28, help="patch side; 84/28 = 3x3 tokens")
     parser.add_argument("--hidden", type=int, default=192)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -155,9 +186,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     start = time.time()
-    scenes = make_scenes(args.scenes, args.seed, "train")
-    scenes_test = make_scenes(2000, args.seed + 1, "test")
-    f_train, f_test = fashion_images("train"), fashion_images("test")
+    grid = args.size // args.patch
+    cells = token_cells(grid)
+    scenes = make_scenes(args.scenes, args.seed, "train", args.size, cells)
+    scenes_test = make_scenes(2000, args.seed + 1, "test", args.size, cells)
+    f_train, f_test = fashion_images("train", args.size), fashion_images("test", args.size)
     print(f"data ready in {time.time() - start:.0f}s", flush=True)
 
     config = CLIPVisionConfig(
@@ -165,18 +198,17 @@ def main() -> None:
         intermediate_size=4 * args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=args.hidden // 64 * 2 or 2,
-        image_size=SIZE,
-        patch_size=PATCH,
+        image_size=args.size,
+        patch_size=args.patch,
     )
     tower = CLIPVisionModel(config)
-    tokens = (SIZE // PATCH) ** 2
-    heads = Heads(args.hidden, tokens)
+    heads = Heads(args.hidden)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1
     )
-    norm = Normalizer()
+    norm = Normalizer(args.size)
     log = []
     for step in range(1, args.steps + 1):
         si = rng.integers(0, len(scenes[0]), args.batch)
@@ -186,12 +218,8 @@ def main() -> None:
             f_logits = heads(
                 patch_tokens(tower, norm(augment_fashion(f_train[0][fi], rng))), "fashion"
             )
-        loss = scene_loss(
-            s_logits.float(), torch.from_numpy(scenes[1][si]), torch.from_numpy(scenes[2][si])
-        )
-        loss = loss + nn.functional.cross_entropy(
-            f_logits.float(), torch.from_numpy(f_train[1][fi])
-        )
+        loss = scene_loss(s_logits.float(), torch.from_numpy(scenes[1][si]))
+        loss = loss + fashion_loss(f_logits.float(), torch.from_numpy(f_train[1][fi]))
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -211,8 +239,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tower.save_pretrained(out)
     prep = {
-        "crop_size": {"height": SIZE, "width": SIZE},
-        "size": {"shortest_edge": SIZE},
+        "crop_size": {"height": args.size, "width": args.size},
+        "size": {"shortest_edge": args.size},
         "image_mean": list(norm.prep.mean),
         "image_std": list(norm.prep.std),
         "image_processor_type": "CLIPImageProcessor",

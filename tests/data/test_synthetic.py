@@ -166,6 +166,35 @@ def test_written_json_is_llava_format(tmp_path, kind):
         )
 
 
+def test_multi_turn_conversations(tmp_path):
+    convs = S.conversations(60, seed=2, max_turns=3)
+    assert {len(turns) for _, turns in convs} == {1, 2, 3}
+    assert Counter(turns[0][2] for _, turns in convs) == Counter({q: 12 for q in S.QTYPES})
+    for scene, turns in convs:
+        assert scene.split == "train"
+        assert len({t for _, _, t in turns}) == len(turns)  # distinct question types
+        for _, answer, qtype in turns:
+            if qtype == "count":
+                assert answer == str(len(scene.objects))
+            elif qtype in ("colour", "shape", "position"):
+                attrs = {getattr(o, qtype) for o in scene.objects}
+                assert answer in attrs
+    path = S.write_dataset(tmp_path, 10, seed=2, kind="qa", size=84, max_turns=3)
+    records = json.loads(path.read_text())
+    for rec, (_, turns) in zip(records, S.conversations(10, seed=2, max_turns=3), strict=True):
+        conv = rec["conversations"]
+        assert [c["from"] for c in conv] == ["human", "gpt"] * len(turns)
+        assert conv[0]["value"].startswith("<image>\n")
+        assert sum(c["value"].count("<image>") for c in conv) == 1
+        assert [c["value"] for c in conv[1::2]] == [a for _, a, _ in turns]
+        with Image.open(tmp_path / rec["image"]) as im:
+            assert im.size == (84, 84)
+    with pytest.raises(ValueError, match="max_turns"):
+        S.conversations(3, max_turns=6)
+    with pytest.raises(ValueError, match="kind='qa'"):
+        S.write_dataset(tmp_path, 3, kind="caption", max_turns=2)
+
+
 def test_eval_items():
     items = S.eval_items(20, seed=0, phrasing="heldout")
     assert len(items) == 20
