@@ -162,7 +162,7 @@ def _limits(args):
 
 
 def _serving(args) -> int:
-    dtype = None if args.dtype == "auto" else args.dtype
+    dtype = None if getattr(args, "dtype", "auto") == "auto" else args.dtype
     if args.command == "serve":
         from llavakit.serve.api import serve
 

@@ -164,7 +164,18 @@ class LlavaProcessor:
         """Load and preprocess images, render and tokenize the prompt, expand placeholders."""
         pil_images = self.load_images(images)
         turns = self.build_turns(prompt, messages, len(pil_images))
-        ids = self.tokenize(self.render(turns, system))
+        return self._encode_text(self.render(turns, system), pil_images)
+
+    def encode_rendered(self, text: str, images: list[ImageSource] | None = None) -> Encoded:
+        """A prompt already rendered with the template, one ``<image>`` per image (the
+        original LLaVA worker API sends these)."""
+        pil_images = self.load_images(images)
+        if text.count(IMAGE) != len(pil_images):
+            raise ImageCountMismatch(text.count(IMAGE), len(pil_images))
+        return self._encode_text(text, pil_images)
+
+    def _encode_text(self, text: str, pil_images: list[Image.Image]) -> Encoded:
+        ids = self.tokenize(text)
         sizes = [(img.height, img.width) for img in pil_images]
         counts = [image_token_count(self.config, s) for s in sizes]
         ids = expand_image_tokens(ids, self.config.image_token_id, counts)
