@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-model test lint format bench clean
+.PHONY: setup demo demo-model test lint format bench clean browser
 
 setup: $(STAMP)
 
@@ -25,7 +25,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# Debian's Chromium for the web-UI test (Playwright drives it; its own browser download fails here)
+browser:
+	@command -v chromium >/dev/null || apt-get install -y -qq chromium >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: lint browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error $(BIN)/pytest
 
 format: setup

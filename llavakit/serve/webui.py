@@ -102,6 +102,7 @@ def build_ui(
                 for h in histories
             ]
             live = list(range(panes))
+            yield ("", *outs)  # clear the box once; later updates leave what the user types
             while live:
                 for i in list(live):
                     try:
@@ -111,11 +112,11 @@ def build_ui(
                     except Exception as exc:  # shown in the chat, not a spinner forever
                         outs[i][-1] = {"role": "assistant", "content": f"⚠️ error: {exc}"}
                         live.remove(i)
-                yield ("", *outs)
+                yield (gr.skip(), *outs)
 
         inputs = [question, image, temperature, top_p, max_tokens, *selectors, *chats]
-        send.click(respond, inputs, [question, *chats])
-        question.submit(respond, inputs, [question, *chats])
+        send.click(respond, inputs, [question, *chats], trigger_mode="always_last")
+        question.submit(respond, inputs, [question, *chats], trigger_mode="always_last")
         clear.click(lambda: ("", *([[]] * panes)), None, [question, *chats])
         image.change(lambda _: [[]] * panes if panes > 1 else [], image, chats)
 
