@@ -1,0 +1,49 @@
+"""Quantized inference: int8 layers in the LM, close logits, same engine behaviour."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import llavakit
+from llavakit.engine.engine import Engine
+from llavakit.engine.quant import QuantizationUnavailable, quantize_pipeline
+from tests.conftest import random_image
+
+
+def test_int8_replaces_linear_layers_and_stays_close(llava15_dir):
+    ref = llavakit.load(llava15_dir, dtype="float32")
+    q = quantize_pipeline(llavakit.load(llava15_dir, dtype="float32"), "int8")
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    layers = [
+        m for m in q.model.language_model.modules() if isinstance(m, torch.nn.Linear | dynamic)
+    ]
+    assert layers and all(isinstance(m, dynamic) for m in layers)
+    assert type(q.model.multi_modal_projector.linear_1) is torch.nn.Linear  # projector kept
+    image = random_image(40, 30, 1)
+    enc = ref.encode([image], "What is it?")
+    batch = ref.processor.collate([enc])
+    with torch.no_grad():
+        a = ref.model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_sizes)
+        b = q.model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.image_sizes)
+    cos = torch.nn.functional.cosine_similarity(a.logits.flatten(), b.logits.flatten(), dim=0)
+    assert not torch.equal(a.logits, b.logits) and cos > 0.97, cos  # quantized, but close
+    engine = Engine(q, max_batch=2)
+    try:
+        cfg = q._gen_config(max_new_tokens=8)
+        assert engine.generate(q.encode([image], "What is it?"), cfg) == q.chat(
+            [image], "What is it?", max_new_tokens=8
+        )
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bnb present")
+def test_bitsandbytes_missing_is_a_clear_error(llava15_dir):
+    pipe = llavakit.load(llava15_dir, dtype="float32")
+    with pytest.raises(QuantizationUnavailable, match="pip install bitsandbytes"):
+        quantize_pipeline(pipe, "bnb8")
+    with pytest.raises(ValueError, match="int8"):
+        quantize_pipeline(pipe, "fp3")
