@@ -2,10 +2,11 @@
 
 Design (the parts that matter for a CPU server):
 
-- ``SlotCache``: one preallocated KV buffer of ``slots x max_len`` tokens per layer. Memory is
-  fixed at start-up and never grows; a request holds one slot from prefill to its last token.
-  Running requests always occupy slots ``0..n-1`` (a finished slot is refilled by moving the
-  last one into it), so a decode step reads plain slices, not gathers.
+- ``SlotCache``: one KV buffer of ``slots x capacity`` positions per layer; the capacity
+  doubles when a sequence needs it and never passes ``max_len``, so memory is bounded by
+  ``slots x max_len`` and is usually far less. A request holds one slot from prefill to its
+  last token. Running requests always occupy slots ``0..n-1`` (a finished slot is refilled by
+  moving the last one into it), so a decode step reads plain slices, not gathers.
 - Prefill runs one request at a time (batch 1, the same computation as ``Pipeline.chat``) and
   writes straight into its slot; decode steps run every running request together, each at its
   own position, with a per-row attention mask.
@@ -47,19 +48,45 @@ class SlotCache:
         head_dim: int,
         max_len: int,
         dtype: torch.dtype,
+        initial_len: int = 256,
     ) -> None:
-        shape = (slots, kv_heads, max_len, head_dim)
+        self.slots, self.max_len = slots, max_len
+        self.capacity = min(initial_len, max_len)
+        shape = (slots, kv_heads, self.capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
-        self.slots, self.max_len = slots, max_len
         self._plan: tuple = ()
 
-    def plan_prefill(self, slot: int, start: int) -> None:
+    def reserve(self, length: int) -> None:
+        """Make room for ``length`` positions per slot: double the buffers (up to max_len)."""
+        if length <= self.capacity:
+            return
+        if length > self.max_len:
+            raise ValueError(f"{length} positions exceed the cache's {self.max_len}")
+        new = self.capacity
+        while new < length:
+            new *= 2
+        new = min(new, self.max_len)
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                grown = old.new_zeros(old.shape[0], old.shape[1], new, old.shape[3])
+                grown[:, :, : self.capacity] = old
+                buffers[i] = grown
+        self.capacity = new
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def plan_prefill(self, slot: int, start: int, end: int) -> None:
+        self.reserve(end)
         self._plan = ("prefill", slot, start)
 
     def plan_decode(self, positions: torch.Tensor) -> None:
         n = positions.shape[0]
-        self._plan = ("decode", torch.arange(n), positions, int(positions.max()) + 1)
+        kv_len = int(positions.max()) + 1
+        self.reserve(kv_len)
+        self._plan = ("decode", torch.arange(n), positions, kv_len)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.k[layer_idx], self.v[layer_idx]
@@ -90,6 +117,7 @@ class SlotCache:
         ]
 
     def write(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        self.reserve(length)
         for (k, v), (ck, cv) in zip(zip(self.k, self.v, strict=True), kv, strict=True):
             k[slot, :, :length] = ck[:, :length]
             v[slot, :, :length] = cv[:, :length]
@@ -226,6 +254,7 @@ class Engine:
         self.model = pipe.model
         lm_cfg = self.model.language_model.config
         self.max_len = min(max_len or self.model.config.max_context, self.model.config.max_context)
+        # KV memory: slots x capacity, the capacity doubling on demand up to max_len
         kv_heads = getattr(lm_cfg, "num_key_value_heads", None) or lm_cfg.num_attention_heads
         head_dim = getattr(lm_cfg, "head_dim", None) or (
             lm_cfg.hidden_size // lm_cfg.num_attention_heads
@@ -388,9 +417,9 @@ class Engine:
                 self.stats.prefix_tokens_reused += reused
             ids = torch.tensor([enc.input_ids], dtype=torch.long)
             embeds = self._embed(req, ids, reused)
-            self.cache.plan_prefill(slot, reused)
-            positions = torch.arange(reused, ids.shape[1])[None]
             total = ids.shape[1]
+            self.cache.plan_prefill(slot, reused, total)
+            positions = torch.arange(reused, total)[None]
             mask = self._additive(torch.ones(1, 1, total - reused, total).tril(reused).bool())
             out = self.model.language_model(
                 inputs_embeds=embeds,
@@ -445,7 +474,7 @@ class Engine:
         reason = None
         if budget <= 0:
             reason = "length"
-        elif token in self.eos_ids:
+        elif token in self.eos_ids and not cfg.ignore_eos:
             run.generated += 1
             reason = "stop"
             delta = run.detok.flush()

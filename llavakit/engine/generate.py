@@ -25,6 +25,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -158,7 +159,7 @@ def generate_stream(
                 tokens[r] = pad
                 continue
             token = int(tokens[r])
-            if token in eos_token_ids:
+            if token in eos_token_ids and not cfg.ignore_eos:
                 done[r] = True
                 deltas[r] = detoks[r].flush()
                 continue

@@ -95,6 +95,7 @@ class ModelServer:
             top_p=request.top_p,
             stop=stop,
             seed=request.seed,
+            ignore_eos=request.ignore_eos,
         )
         return encoded, cfg
 

@@ -76,6 +76,7 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
     frequency_penalty: float | None = None
+    ignore_eos: bool = False  # as in vLLM: generate max_tokens whatever the model says
     presence_penalty: float | None = None
 
 

@@ -125,9 +125,26 @@ def test_queue_is_bounded_and_prompt_past_context_is_refused(next_pipe):
             eng.submit(next_pipe.encode(None, "word " * 200), _cfg(next_pipe))
         long.cancel()
         assert all(isinstance(h.text(), str) for h in handles)
-        # the KV buffer is allocated once: slots x max_len, whatever was served
+        # the KV buffer never passes slots x max_len, whatever was served
         k = eng.cache.k[0]
         assert k.shape[0] == 1 and k.shape[2] == 128
+    finally:
+        eng.close()
+
+
+def test_kv_cache_grows_on_demand_up_to_max_len(next_pipe):
+    eng = Engine(next_pipe, max_batch=2, max_len=1000)
+    try:
+        assert eng.cache.capacity == 256
+        small = eng.cache.nbytes
+        enc = next_pipe.encode(None, "word " * 60)
+        new = 400 - len(enc.input_ids)  # prompt + answer = 400 positions
+        text = eng.generate(enc, _cfg(next_pipe, max_new_tokens=new, ignore_eos=True))
+        assert text == next_pipe.chat(None, "word " * 60, max_new_tokens=new, ignore_eos=True)
+        assert eng.cache.capacity == 512 and eng.cache.nbytes == 2 * small
+        long = next_pipe.encode(None, "word " * 60)
+        eng.generate(long, _cfg(next_pipe, max_new_tokens=900, ignore_eos=True))
+        assert eng.cache.capacity == 1000  # capped at max_len
     finally:
         eng.close()
 

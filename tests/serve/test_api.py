@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -239,10 +240,16 @@ def test_full_queue_is_429(pipe):
     try:
         with TestClient(create_app(srv, ui=False)) as c:
             long = {"model": "tiny", "messages": user("go"), "max_tokens": 200}
-            blockers = [
-                srv.engine.submit(pipe.encode(None, "go"), pipe._gen_config(max_new_tokens=400))
-                for _ in range(2)
-            ]
+
+            def block():
+                return srv.engine.submit(
+                    pipe.encode(None, "go"), pipe._gen_config(max_new_tokens=400, ignore_eos=True)
+                )
+
+            blockers = [block()]
+            while srv.engine.running < 1:  # the first holds the only slot ...
+                time.sleep(0.01)
+            blockers.append(block())  # ... the second fills the queue
             _err(c.post("/v1/chat/completions", json=long), 429, "queue is full")
             for h in blockers:
                 h.cancel()
