@@ -74,18 +74,38 @@ class LlavaForCausalLM(nn.Module):
         else:
             self.image_newline = None
 
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict | None = None
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
     ) -> None:
-        """Recompute activations in backward (LM and, if it trains, the vision tower)."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        """Recompute activations in backward (LM and, if it trains, the vision tower); the
+        transformers 5 Trainer calls this for ``--gradient_checkpointing``."""
+        kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
+        parts = [self.language_model]
         if any(p.requires_grad for p in self.vision_tower.parameters()):
-            self.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            parts.append(self.vision_tower)
+        for part in parts:
+            enable = getattr(part, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(
+                    activation_checkpointing_kwargs=kwargs,
+                    every_n_layers=every_n_layers,
+                    offload=offload,
+                )
+            else:  # older transformers
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, **kwargs
+    ) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.language_model.gradient_checkpointing_disable()
-        self.vision_tower.gradient_checkpointing_disable()
+        for part in (self.language_model, self.vision_tower):
+            disable = getattr(part, "activation_checkpointing_disable", None)
+            (disable or part.gradient_checkpointing_disable)()
 
     @property
     def device(self) -> torch.device:

@@ -132,9 +132,22 @@ def train(argv: Sequence[str]) -> Path:
         data_collator=partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
         callbacks=[MetricsCallback(str(out))],
     )
+    if training_args.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
+        # accelerate only builds FSDP on accelerators; never fall back to DDP in silence
+        raise ValueError(
+            f"--fsdp {_describe(training_args.fsdp)!r} was requested but "
+            "accelerate did not enable FSDP on this machine (it needs GPUs); on CPU use "
+            "--deepspeed recipes/deepspeed/zero3.json (sharded, tested) or plain DDP"
+        )
     trainer.train(resume_from_checkpoint=_resume_arg(training_args.resume_from_checkpoint))
     save_run(model, processor, out, model_args, data_args, training_args)
     return out
+
+
+def _describe(option) -> str:
+    if isinstance(option, list | tuple):
+        return " ".join(str(getattr(x, "value", x)) for x in option)
+    return str(option)
 
 
 @contextmanager

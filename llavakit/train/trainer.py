@@ -199,7 +199,12 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         """On resume, drop the rows the killed run logged after its checkpoint (they are logged
-        again), so metrics.jsonl stays one row per step."""
+        again), so metrics.jsonl stays one row per step. Also says whether gradient
+        checkpointing really is on (a flag the model ignored would otherwise go unnoticed)."""
+        model = kwargs.get("model")
+        if args.gradient_checkpointing and state.is_world_process_zero and model is not None:
+            on = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+            print(f"llavakit: gradient checkpointing: {'on' if on else 'OFF (not supported)'}")
         if not state.is_world_process_zero or not state.global_step:
             return
         if not os.path.isfile(self.path):

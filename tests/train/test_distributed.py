@@ -183,3 +183,59 @@ def test_deepspeed_recipes(name):
     if name == "zero3_offload":
         zero = config["zero_optimization"]
         assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+
+
+def test_fsdp_without_accelerators_is_refused_not_silently_ddp(tiny_parts, runner, tmp_path):
+    """accelerate enables FSDP only on accelerators; on CPU the run must say so, not quietly
+    train with DDP (what the Trainer would otherwise do)."""
+    out = tmp_path / "fsdp"
+    args = [
+        *stage1_args(tiny_parts, out), "--use_cpu", "True",
+        "--fsdp", "full_shard auto_wrap",
+        "--fsdp_config", json.dumps({"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}),
+    ]  # fmt: skip
+    log = tmp_path / "fsdp.log"
+    with pytest.raises(pytest.fail.Exception):
+        runner.run(torchrun(args), log, timeout=240)
+    text = log.read_text()
+    assert "accelerate did not enable FSDP" in text and "zero3.json" in text
+    assert not (out / "mm_projector.safetensors").exists()
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_parts, runner, tmp_path):
+    """--gradient_checkpointing recomputes activations in backward: same weights, less memory."""
+
+    def run(out: Path, *extra) -> dict[str, torch.Tensor]:
+        runner.train(
+            [
+                "--model_name_or_path", tiny_parts.lm,
+                "--vision_tower", tiny_parts.tower,
+                "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model",
+                "--version", "chatml_nosystem",
+                "--image_token_style", "token",
+                "--data_path", tiny_parts.qa,
+                "--image_folder", tiny_parts.data,
+                "--image_aspect_ratio", "pad",
+                "--output_dir", out,
+                "--max_steps", 2,
+                "--per_device_train_batch_size", 2,
+                "--learning_rate", "1e-3",
+                "--save_strategy", "no",
+                "--report_to", "none",
+                "--model_max_length", 256,
+                "--seed", 5,
+                *extra,
+            ],
+            out.with_suffix(".log"),
+        )  # fmt: skip
+        return load_file(out / "model" / "model.safetensors")
+
+    plain = run(tmp_path / "plain")
+    checkpointed = run(tmp_path / "gc", "--gradient_checkpointing", "True")
+    log = (tmp_path / "gc.log").read_text()
+    assert "gradient checkpointing: on" in log
+    changed = 0
+    for k, v in plain.items():
+        torch.testing.assert_close(checkpointed[k], v, rtol=1e-4, atol=1e-5)
+        changed += "layers" in k
+    assert changed
