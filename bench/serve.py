@@ -132,7 +132,7 @@ def run_llavakit(model: str, tokens: int, quant: str | None) -> dict:
 
     def timed(n: int, image=IMAGE) -> float:
         enc = pipe.encode([image], QUESTION)
-        cfg = pipe._gen_config(max_new_tokens=n, ignore_eos=True)
+        cfg = pipe.generation_config(max_new_tokens=n, ignore_eos=True)
         engine._features.clear(), engine._prefixes.clear()  # measure the full work each time
         start = time.perf_counter()
         handle = engine.submit(enc, cfg)
@@ -158,16 +158,16 @@ def second_turn(pipe, engine) -> dict:
 
     def ttft(enc) -> tuple[float, str]:
         start = time.perf_counter()
-        handle = engine.submit(enc, pipe._gen_config(max_new_tokens=1, ignore_eos=True))
+        handle = engine.submit(enc, pipe.generation_config(max_new_tokens=1, ignore_eos=True))
         text = handle.text()
         return time.perf_counter() - start, text
 
     first_enc = pipe.encode([image], "What is in the image?")
     # the first turn's answer, as a client would send it back
-    answer = engine.submit(first_enc, pipe._gen_config(max_new_tokens=16)).text()
+    answer = engine.submit(first_enc, pipe.generation_config(max_new_tokens=16)).text()
     engine._features.clear(), engine._prefixes.clear()
     first, _ = ttft(first_enc)
-    engine.submit(first_enc, pipe._gen_config(max_new_tokens=16)).text()  # fills the caches
+    engine.submit(first_enc, pipe.generation_config(max_new_tokens=16)).text()  # fills the caches
     messages = [
         {"role": "user", "content": "<image>\nWhat is in the image?"},
         {"role": "assistant", "content": answer},

@@ -57,13 +57,16 @@ class Pipeline:
     def tokenizer(self):
         return self.processor.tokenizer
 
-    def _gen_config(self, **kwargs: Any) -> GenerationConfig:
+    def generation_config(self, **kwargs: Any) -> GenerationConfig:
+        """Sampling settings with the template's stop strings added to ``stop``."""
         stop = kwargs.pop("stop", None) or ()
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         stop = tuple(dict.fromkeys(stop + self.processor.template.stop_strings))
         return GenerationConfig(stop=stop, **kwargs)
 
-    def _eos_ids(self) -> set[int]:
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end an answer: the tokenizer's / generation config's EOS and the
+        template's stop tokens."""
         ids = set()
         tok = self.tokenizer
         if tok.eos_token_id is not None:
@@ -95,7 +98,7 @@ class Pipeline:
         encoded = self.encode(images, prompt, messages=messages, system=system)
         batch = self.processor.collate([encoded])
         for deltas in generate_stream(
-            self.model, self.tokenizer, batch, self._gen_config(**gen), self._eos_ids()
+            self.model, self.tokenizer, batch, self.generation_config(**gen), self.eos_token_ids()
         ):
             if deltas[0]:
                 yield deltas[0]
@@ -123,7 +126,7 @@ class Pipeline:
         batch = self.processor.collate(encoded)
         texts = [""] * len(requests)
         for deltas in generate_stream(
-            self.model, self.tokenizer, batch, self._gen_config(**gen), self._eos_ids()
+            self.model, self.tokenizer, batch, self.generation_config(**gen), self.eos_token_ids()
         ):
             texts = [t + d for t, d in zip(texts, deltas, strict=True)]
         return texts

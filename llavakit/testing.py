@@ -55,6 +55,25 @@ def tiny_tokenizer(vocab_size: int = 320, image_token: bool = True):
     return fast
 
 
+def tiny_text_config(vocab_size: int = 384, max_positions: int = 1024):
+    """A two-layer Llama config matching ``tiny_tokenizer``'s special ids (bos 1, eos 2, pad 3)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
+
+
 def tiny_config(
     family: str = "llava",
     tower: str = "clip",
@@ -70,7 +89,7 @@ def tiny_config(
     max_positions: int = 1024,
 ) -> LlavaConfig:
     """A few-thousand-parameter LLaVA config of the given family and tower type."""
-    from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     vision_kwargs = dict(
         hidden_size=32,
@@ -85,19 +104,7 @@ def tiny_config(
         if tower == "siglip"
         else CLIPVisionConfig(**vision_kwargs)
     )
-    text = LlamaConfig(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=max_positions,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        tie_word_embeddings=False,
-    )
+    text = tiny_text_config(vocab_size, max_positions)
     scale = image_size / 336
     pins = [[int(h * scale), int(w * scale)] for h, w in LLAVA_NEXT_PINPOINTS]
     aspect = image_aspect_ratio or ("anyres" if family == "llava_next" else "pad")

@@ -77,7 +77,7 @@ def _resolve_tower(cfg: dict, root: Path, override: str | None) -> Path:
         ) from None
 
 
-def _load_tower(path: Path) -> tuple[object, dict[str, torch.Tensor], dict]:
+def load_tower(path: Path) -> tuple[object, dict[str, torch.Tensor], dict]:
     """Vision config, its tower weights (``vision_model.`` level kept if present) and image
     settings from a tower directory."""
     tower_cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -137,7 +137,7 @@ def load_original(
     root = Path(path)
     cfg = json.loads((root / "config.json").read_text())
     tower_path = _resolve_tower(cfg, root, vision_tower)
-    vision_config, tower_state, image = _load_tower(tower_path)
+    vision_config, tower_state, image = load_tower(tower_path)
     crop = image.get("crop_size", vision_config.image_size)
     crop = crop["height"] if isinstance(crop, dict) else int(crop)
     state = read_state_dict(root)

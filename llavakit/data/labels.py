@@ -108,7 +108,7 @@ def _tokens_with_offsets(processor: LlavaProcessor, text: str) -> tuple[list[int
     tok = processor.tokenizer
     if not getattr(tok, "is_fast", False):
         raise LabelError("label masks need a fast tokenizer (character offsets)")
-    add_special = not (processor.template.renders_bos or processor._text_has_bos(text))
+    add_special = not (processor.template.renders_bos or processor.text_has_bos(text))
     image_id = processor.config.image_token_id
     if processor.config.image_token_style != "sentinel":
         enc = tok(text, add_special_tokens=add_special, return_offsets_mapping=True)

@@ -263,7 +263,7 @@ class Engine:
             lm_cfg.num_hidden_layers, max_batch, kv_heads, head_dim, self.max_len, self.model.dtype
         )
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.eos_ids = pipe._eos_ids()
+        self.eos_ids = pipe.eos_token_ids()
         self.stats = EngineStats()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Running] = []

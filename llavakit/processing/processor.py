@@ -126,7 +126,7 @@ class LlavaProcessor:
     def tokenize(self, text: str) -> list[int]:
         """Token ids with exactly one ``image_token_id`` per ``<image>`` (not yet expanded)."""
         tok = self.tokenizer
-        add_special = not (self.template.renders_bos or self._text_has_bos(text))
+        add_special = not (self.template.renders_bos or self.text_has_bos(text))
         image_id = self.config.image_token_id
         if self.config.image_token_style == "sentinel":
             ids: list[int] = []
@@ -145,7 +145,8 @@ class LlavaProcessor:
             return ids
         return tok(text, add_special_tokens=add_special)["input_ids"]
 
-    def _text_has_bos(self, text: str) -> bool:
+    def text_has_bos(self, text: str) -> bool:
+        """True when ``text`` already starts with the BOS token (so tokenizing adds none)."""
         bos = getattr(self.tokenizer, "bos_token", None)
         return bool(bos) and text.startswith(bos)
 

@@ -89,7 +89,7 @@ class ModelServer:
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stop) > 4 or any(not isinstance(s, str) or len(s) > 256 for s in stop):
             raise RequestError(400, "stop: at most 4 strings of at most 256 characters")
-        cfg = self.pipe._gen_config(
+        cfg = self.pipe.generation_config(
             max_new_tokens=asked or min(room, DEFAULT_MAX_TOKENS),
             temperature=request.temperature,
             top_p=request.top_p,

@@ -140,7 +140,7 @@ def engine_stream(server) -> StreamFn:
         messages, images = history_to_messages(image, history, question)
         encoded = server.pipe.processor.encode(images=images, messages=messages)
         room = server.engine.max_len - len(encoded.input_ids)
-        cfg = server.pipe._gen_config(
+        cfg = server.pipe.generation_config(
             max_new_tokens=max(1, min(settings["max_tokens"], room)),
             temperature=settings["temperature"],
             top_p=settings["top_p"],

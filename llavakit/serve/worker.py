@@ -75,7 +75,7 @@ def create_worker_app(server: ModelServer) -> FastAPI:
         room = server.engine.max_len - len(encoded.input_ids)
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
-        cfg = server.pipe._gen_config(
+        cfg = server.pipe.generation_config(
             max_new_tokens=max(1, min(max_new, room)),
             temperature=float(body.get("temperature", 0.0)),
             top_p=float(body.get("top_p", 1.0)),

@@ -49,9 +49,9 @@ def _pinpoints(value: str | None) -> list[list[int]]:
 def load_vision_tower(path: str) -> tuple[nn.Module, dict]:
     """A pretrained vision tower and its image settings (crop size, mean, std) from a directory."""
     from llavakit.checkpoint.io import fit_tower_keys
-    from llavakit.checkpoint.original import _load_tower
+    from llavakit.checkpoint.original import load_tower
 
-    vision_config, state, image = _load_tower(Path(path))
+    vision_config, state, image = load_tower(Path(path))
     tower = build_vision_tower(vision_config)
     holder = nn.Module()
     holder.vision_tower = tower

@@ -27,7 +27,7 @@ def engine(next_pipe):
 
 
 def _cfg(pipe, **kw):
-    return pipe._gen_config(**({"max_new_tokens": 10} | kw))
+    return pipe.generation_config(**({"max_new_tokens": 10} | kw))
 
 
 REQUESTS = [

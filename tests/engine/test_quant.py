@@ -32,7 +32,7 @@ def test_int8_replaces_linear_layers_and_stays_close(llava15_dir):
     assert not torch.equal(a.logits, b.logits) and cos > 0.97, cos  # quantized, but close
     engine = Engine(q, max_batch=2)
     try:
-        cfg = q._gen_config(max_new_tokens=8)
+        cfg = q.generation_config(max_new_tokens=8)
         assert engine.generate(q.encode([image], "What is it?"), cfg) == q.chat(
             [image], "What is it?", max_new_tokens=8
         )

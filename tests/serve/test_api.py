@@ -243,7 +243,8 @@ def test_full_queue_is_429(pipe):
 
             def block():
                 return srv.engine.submit(
-                    pipe.encode(None, "go"), pipe._gen_config(max_new_tokens=400, ignore_eos=True)
+                    pipe.encode(None, "go"),
+                    pipe.generation_config(max_new_tokens=400, ignore_eos=True),
                 )
 
             blockers = [block()]

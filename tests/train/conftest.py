@@ -29,28 +29,14 @@ class TinyParts:
 
 @pytest.fixture(scope="session")
 def tiny_parts(tmp_path_factory) -> TinyParts:
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
 
     from llavakit.data import synthetic
-    from llavakit.testing import tiny_tokenizer
+    from llavakit.testing import tiny_text_config, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("train_parts")
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=384,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
-            tie_word_embeddings=False,
-        )
-    )
+    lm = LlamaForCausalLM(tiny_text_config(vocab_size=384, max_positions=512))
     lm.save_pretrained(root / "lm")
     tiny_tokenizer().save_pretrained(root / "lm")
     tower = CLIPVisionModel(
