@@ -119,9 +119,14 @@ def main() -> None:
         "--blind", type=int, default=2000, help="test images for the blind baseline"
     )
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--quantize", default=None, help="int8: measure the quantized model")
     args = parser.parse_args()
     start = time.time()
     pipe = llavakit.load(args.model)
+    if args.quantize:
+        from llavakit.engine.quant import quantize_pipeline
+
+        quantize_pipeline(pipe, args.quantize)
     report = {
         "scenes_train_phrasings": eval_scenes(pipe, args.scenes, "train", args.batch),
         "scenes_heldout_phrasings": eval_scenes(pipe, args.scenes, "heldout", args.batch),
@@ -134,6 +139,7 @@ def main() -> None:
             for q in ("What is the capital of France?", "What is 2 plus 3?")
         },
         "fashion_n": args.fashion or 10000,
+        "quantize": args.quantize,
         "blind_n": args.blind,
         "seconds": round(time.time() - start),
     }
