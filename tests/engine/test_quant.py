@@ -40,10 +40,38 @@ def test_int8_replaces_linear_layers_and_stays_close(llava15_dir):
         engine.close()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bnb present")
-def test_bitsandbytes_missing_is_a_clear_error(llava15_dir):
+def test_bitsandbytes_missing_is_a_clear_error(llava15_dir, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("no bitsandbytes")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
     pipe = llavakit.load(llava15_dir, dtype="float32")
     with pytest.raises(QuantizationUnavailable, match="pip install bitsandbytes"):
         quantize_pipeline(pipe, "bnb8")
     with pytest.raises(ValueError, match="int8"):
         quantize_pipeline(pipe, "fp3")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_bitsandbytes_8bit_runs_and_4bit_explains_shapes(llava15_dir):
+    import bitsandbytes as bnb
+
+    ref = llavakit.load(llava15_dir, dtype="float32")
+    q = quantize_pipeline(llavakit.load(llava15_dir, dtype="float32"), "bnb8")
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in q.model.language_model.modules())
+    image = random_image(40, 30, 2)
+    engine = Engine(q, max_batch=2)
+    try:
+        got = engine.generate(q.encode([image], "Hi"), q.generation_config(max_new_tokens=6))
+    finally:
+        engine.close()
+    assert got == q.chat([image], "Hi", max_new_tokens=6)
+    assert ref.chat([image], "Hi", max_new_tokens=6)  # the float model answers too
+    with pytest.raises(QuantizationUnavailable, match="divisible by 32"):
+        quantize_pipeline(llavakit.load(llava15_dir, dtype="float32"), "bnb4")

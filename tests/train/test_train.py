@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,34 @@ def test_parameter_groups_use_part_learning_rates(tiny_parts, tmp_path):
         for p in group["params"]:
             lr_of[names[id(p)].split(".")[0]] = group["lr"]
     assert lr_of == {"vision_tower": 1e-5, "multi_modal_projector": 2e-4, "language_model": 3e-5}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_qlora_8bit_trains_and_loads(tiny_parts, stage1, tmp_path):
+    """QLoRA with an 8-bit base LM (bitsandbytes LLM.int8 runs on CPU): LoRA weights move,
+    the run loads as a merged model."""
+    out = tmp_path / "qlora"
+    train(
+        _common(
+            tiny_parts,
+            out,
+            tiny_parts.qa,
+            version="chatml_nosystem",
+            pretrain_mm_mlp_adapter=stage1 / "mm_projector.safetensors",
+            mm_tunable_parts="mm_mlp_adapter,mm_language_model",
+            lora_enable=True,
+            lora_r=4,
+            lora_alpha=8,
+            bits=8,
+            image_token_style="token",
+            learning_rate=1e-2,
+            use_cpu=True,
+        )
+    )
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it trained
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    answer = llavakit.load(out, dtype="float32").chat(None, "hi", max_new_tokens=3)
+    assert isinstance(answer, str)
