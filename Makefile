@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-model test lint format bench clean browser
+.PHONY: setup demo demo-model test lint format bench clean system-deps
 
 setup: $(STAMP)
 
@@ -17,20 +17,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "What colour is the circle?"
 	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "How many shapes are there?"
-	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "What shape is the yellow object?"
+	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "Where is the blue square?"
+	$(BIN)/llavakit chat --image examples/fashion_item.png --max-new-tokens 16 "What is this item?"
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Debian's Chromium for the web-UI test (Playwright drives it; its own browser download fails here)
-browser:
-	@command -v chromium >/dev/null || apt-get install -y -qq chromium >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+# Debian packages the tests use: Chromium for the web-UI test (Playwright drives it; its own
+# browser download fails here) and Fashion-MNIST for the demo model's held-out checks.
+system-deps:
+	@command -v chromium >/dev/null && [ -d /usr/share/datasets/fashion-mnist ] || \
+		apt-get install -y -qq chromium dataset-fashion-mnist >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium dataset-fashion-mnist >/dev/null)
 
-test: lint browser
+test: lint system-deps
 	HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error $(BIN)/pytest
 
 format: setup

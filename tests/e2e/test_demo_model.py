@@ -10,7 +10,7 @@ import torch
 
 import llavakit
 from llavakit.cli import main
-from llavakit.data import synthetic
+from llavakit.data import fashion, synthetic
 from llavakit.demo import BUNDLED
 
 pytestmark = pytest.mark.skipif(
@@ -26,10 +26,13 @@ def demo():
 
 
 def test_held_out_scenes_per_question_type(demo):
-    """Held-out scenes through llavakit.load(). The current demo model reads global properties
-    (count) well but is still weak at binding an object to its colour / position (see the
-    README's demo section); these floors pin what it does today so a regression shows."""
-    items = synthetic.eval_items(100, seed=7, phrasing="train", split="test")
+    """Held-out scenes through llavakit.load(). The demo model reads what every image token
+    carries (count, the Fashion-MNIST class) reliably but binds an object to its colour /
+    position only partly (see the README's demo section); these floors pin what it does
+    today (full evaluation: count 100%, shape 62%, colour 59%, position 50%, existence 51%)
+    so a regression shows."""
+    size = demo.processor.config.image_size
+    items = synthetic.eval_items(150, seed=7, phrasing="train", split="test", size=size)
     answers = demo.generate_batch(
         [{"images": [im], "prompt": q} for im, q, _, _ in items], max_new_tokens=6
     )
@@ -38,9 +41,22 @@ def test_held_out_scenes_per_question_type(demo):
         total[qtype] += 1
         right[qtype] += synthetic.score(got, expected, qtype)
     accuracy = {q: right[q] / total[q] for q in total}
-    assert accuracy["count"] >= 0.8, accuracy
-    assert accuracy["shape"] >= 0.5, accuracy  # chance: 1/3
-    assert sum(right.values()) / sum(total.values()) >= 0.45, accuracy
+    assert accuracy["count"] >= 0.9, accuracy
+    assert accuracy["shape"] >= 0.45, accuracy  # chance: 1/3
+    assert accuracy["colour"] >= 0.4, accuracy  # chance: 1/6
+    assert accuracy["position"] >= 0.35, accuracy  # chance: 1/5
+    assert sum(right.values()) / sum(total.values()) >= 0.55, accuracy
+
+
+def test_fashion_mnist_test_images(demo):
+    """200 Fashion-MNIST test images (never trained on); the full 10,000 score 87.6%."""
+    size = demo.processor.config.image_size
+    items = fashion.eval_items("test", n=200, phrasing="heldout", size=size)
+    answers = demo.generate_batch(
+        [{"images": [im], "prompt": q} for im, q, _, _ in items], max_new_tokens=8
+    )
+    right = sum(fashion.score(a, label) for a, (_, _, _, label) in zip(answers, items, strict=True))
+    assert right / len(items) >= 0.8, right
 
 
 def test_text_only_chat_still_works(demo):
@@ -48,11 +64,14 @@ def test_text_only_chat_still_works(demo):
     assert "Paris" in answer
 
 
-def test_demo_example_image(demo):
+def test_demo_example_images(demo):
+    """What `make demo` asks."""
     answer = demo.chat(["examples/scene.png"], "How many shapes are there?", max_new_tokens=6)
     assert answer.strip() == "3"
-    answer = demo.chat(["examples/scene.png"], "What shape is the yellow object?", max_new_tokens=6)
-    assert "triangle" in answer.lower()
+    answer = demo.chat(["examples/scene.png"], "Where is the blue square?", max_new_tokens=6)
+    assert "bottom" in answer.lower()
+    answer = demo.chat(["examples/fashion_item.png"], "What is this item?", max_new_tokens=8)
+    assert "ankle boot" in answer.lower()
 
 
 def test_converted_demo_loads_in_transformers_with_same_answers(demo, tmp_path, capsys):
@@ -63,7 +82,9 @@ def test_converted_demo_loads_in_transformers_with_same_answers(demo, tmp_path, 
     capsys.readouterr()
     model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(out)
-    for image, question, _, _ in synthetic.eval_items(5, seed=11, phrasing="heldout", split="test"):
+    size = demo.processor.config.image_size
+    items = synthetic.eval_items(5, seed=11, phrasing="heldout", split="test", size=size)
+    for image, question, _, _ in items:
         messages = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
         ]
