@@ -46,6 +46,8 @@ demo-model: setup
 
 bench: setup
 	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/quant.py
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
