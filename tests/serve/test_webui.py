@@ -80,10 +80,16 @@ def test_upload_ask_and_see_the_streamed_answer(ui_url):
         )
         user_text = page.locator('#llavakit-chat-0 [data-testid="user"]').last.inner_text()
         assert user_text.strip() == "How many shapes are there?"
-        # a longer answer, sampled while it arrives: the bubble grows in several steps
-        question.fill("Write a short story about the shapes.")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "webui-image.png"), full_page=True)
+        # a long answer (a fresh page, text only: the demo model's picture answers are one word),
+        # sampled while it arrives: the bubble grows in several steps
+        page.goto(ui_url, wait_until="networkidle")
+        question = page.locator("#llavakit-question textarea")
+        question.fill("Write a short story about a cat.")
         page.locator("#llavakit-send").click()
-        bots.nth(1).wait_for(timeout=60_000)
+        bots = page.locator('#llavakit-chat-0 [data-testid="bot"]')
+        bots.first.wait_for(timeout=60_000)
         seen, stable, deadline = [], 0, time.monotonic() + 120
         while time.monotonic() < deadline and stable < 40:
             text = bots.last.inner_text().strip()
@@ -93,7 +99,6 @@ def test_upload_ask_and_see_the_streamed_answer(ui_url):
             else:
                 stable += 1
             time.sleep(0.05)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "webui.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
