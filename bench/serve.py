@@ -116,6 +116,15 @@ def build_half_b(out: Path) -> None:
 
 
 # -- (a) decode / prefill, one process per implementation ------------------------------------
+def decode_rate(timed, tokens: int) -> dict:
+    """``timed(n)`` = seconds to generate n tokens: warm up, then the best of a few runs;
+    decode tokens/s = (tokens - 1) / (time for ``tokens`` - time for 1)."""
+    timed(2)
+    prefill = min(timed(1) for _ in range(3))
+    total = min(timed(tokens) for _ in range(2))
+    return {"prefill_s": prefill, "decode_tok_s": (tokens - 1) / (total - prefill)}
+
+
 def run_llavakit(model: str, tokens: int, quant: str | None) -> dict:
     import torch
 
@@ -140,10 +149,7 @@ def run_llavakit(model: str, tokens: int, quant: str | None) -> dict:
         assert handle.finish.completion_tokens == n
         return time.perf_counter() - start
 
-    timed(2)  # warm-up
-    prefill = min(timed(1) for _ in range(3))
-    total = min(timed(tokens) for _ in range(2))
-    out = {"prefill_s": prefill, "decode_tok_s": (tokens - 1) / (total - prefill)}
+    out = decode_rate(timed, tokens)
     out |= second_turn(pipe, engine)
     engine.close()
     return out | {"peak_mb": peak_mb()}
@@ -205,14 +211,7 @@ def run_transformers(model: str, tokens: int) -> dict:
         assert out.shape[1] - ids.shape[1] == n
         return time.perf_counter() - start
 
-    timed(2)
-    prefill = min(timed(1) for _ in range(3))
-    total = min(timed(tokens) for _ in range(2))
-    return {
-        "prefill_s": prefill,
-        "decode_tok_s": (tokens - 1) / (total - prefill),
-        "peak_mb": peak_mb(),
-    }
+    return decode_rate(timed, tokens) | {"peak_mb": peak_mb()}
 
 
 def gguf_paths(model: str) -> dict[str, Path] | None:
@@ -295,7 +294,6 @@ def run_llamacpp(model: str, tokens: int, quant: str) -> dict:
     # same prompt length as the image prompt (decode speed depends on the context length)
     prompt_ids = [t for t in pipe.encode([IMAGE], QUESTION).input_ids if t >= 0]
     prompt_ids = [t if t != pipe.model.config.image_token_id else 0 for t in prompt_ids]
-    eos = pipe.tokenizer.convert_tokens_to_ids("<|im_end|>")
     del pipe
     llm = Llama(
         str(paths[quant]),
@@ -315,13 +313,7 @@ def run_llamacpp(model: str, tokens: int, quant: str) -> dict:
                 break
         return time.perf_counter() - start
 
-    del eos
-    timed(2)
-    prefill = min(timed(1) for _ in range(3))
-    total = min(timed(tokens) for _ in range(2))
-    return {
-        "prefill_s": prefill,
-        "decode_tok_s": (tokens - 1) / (total - prefill),
+    return decode_rate(timed, tokens) | {
         "peak_mb": peak_mb(),
         "note": "text prompt of the same length (no image encoder)",
     }

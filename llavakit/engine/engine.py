@@ -160,26 +160,23 @@ class RequestHandle:
         """Stop generating; the engine frees the slot at its next step."""
         self.cancelled.set()
 
+    def _ended(self, event: str | Finish) -> bool:
+        """True for the last event (recorded in ``finish``); its error, if any, is raised."""
+        if not isinstance(event, Finish):
+            return False
+        self.finish = event
+        if event.error is not None:
+            raise event.error
+        return True
+
     def __iter__(self) -> Iterator[str]:
-        while True:
-            event = self._sync_q.get()
-            if isinstance(event, Finish):
-                self.finish = event
-                if event.error is not None:
-                    raise event.error
-                return
+        while not self._ended(event := self._sync_q.get()):
             yield event
 
     async def aiter(self) -> AsyncIterator[str]:
         assert self._async_q is not None, "submit with a loop to iterate asynchronously"
         try:
-            while True:
-                event = await self._async_q.get()
-                if isinstance(event, Finish):
-                    self.finish = event
-                    if event.error is not None:
-                        raise event.error
-                    return
+            while not self._ended(event := await self._async_q.get()):
                 yield event
         finally:
             if self.finish is None:  # the consumer went away (client disconnected)

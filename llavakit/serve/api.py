@@ -99,6 +99,11 @@ class ModelServer:
         )
         return encoded, cfg
 
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting or running (what a worker reports to the controller)."""
+        return self.engine.queue_depth + self.engine.running
+
     def submit(self, encoded, cfg, loop):
         try:
             return self.engine.submit(encoded, cfg, loop=loop)
@@ -356,6 +361,25 @@ def serve(
     """Load ``model`` and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
     import uvicorn
 
+    server = load_server(model, name, dtype, quantize, limits, max_batch, max_queue)
+    app = create_app(server, api_key=api_key, ui=ui)
+    print(f"llavakit: serving {server.name!r} on http://{host}:{port} (UI: /ui)", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        server.close()
+
+
+def load_server(
+    model: str = "demo",
+    name: str | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    limits: ServeLimits = DEFAULT_SERVE_LIMITS,
+    max_batch: int = 16,
+    max_queue: int = 64,
+) -> ModelServer:
+    """Load (and optionally quantize) ``model`` behind a ModelServer: ``serve`` and ``worker``."""
     import llavakit
 
     pipe = llavakit.load(model, dtype=dtype)
@@ -363,13 +387,7 @@ def serve(
         from llavakit.engine.quant import quantize_pipeline
 
         quantize_pipeline(pipe, quantize)
-    server = ModelServer(pipe, name or _model_name(model), limits, max_batch, max_queue)
-    app = create_app(server, api_key=api_key, ui=ui)
-    print(f"llavakit: serving {server.name!r} on http://{host}:{port} (UI: /ui)", flush=True)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    finally:
-        server.close()
+    return ModelServer(pipe, name or _model_name(model), limits, max_batch, max_queue)
 
 
 def _model_name(model: str) -> str:

@@ -21,8 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from llavakit.errors import EngineBusy, EngineStopped, LlavakitError
-from llavakit.serve.api import DEFAULT_SERVE_LIMITS, ModelServer, create_app
+from llavakit.errors import LlavakitError
+from llavakit.serve.api import DEFAULT_SERVE_LIMITS, ModelServer, create_app, load_server
 from llavakit.serve.controller import SEPARATOR
 from llavakit.serve.requests import (
     RequestError,
@@ -89,7 +89,7 @@ def create_worker_app(server: ModelServer) -> FastAPI:
         return {
             "model_names": [server.name],
             "speed": 1,
-            "queue_length": server.engine.queue_depth + server.engine.running,
+            "queue_length": server.queue_length,
         }
 
     @app.post("/worker_generate_stream")
@@ -104,12 +104,7 @@ def create_worker_app(server: ModelServer) -> FastAPI:
             if isinstance(exc, RequestError):
                 raise
             raise RequestError(400, str(exc)) from None
-        try:
-            handle = server.engine.submit(encoded, cfg, loop=asyncio.get_running_loop())
-        except EngineBusy as exc:
-            raise RequestError(429, str(exc), "rate_limit_error") from None
-        except EngineStopped as exc:
-            raise RequestError(503, str(exc), "server_error") from None
+        handle = server.submit(encoded, cfg, asyncio.get_running_loop())
 
         async def stream():
             text = ""
@@ -144,7 +139,7 @@ class Heartbeat(threading.Thread):
         status = {
             "model_names": [self.server.name],
             "speed": 1,
-            "queue_length": self.server.engine.queue_depth + self.server.engine.running,
+            "queue_length": self.server.queue_length,
         }
         try:
             r = httpx.post(
@@ -166,7 +161,7 @@ class Heartbeat(threading.Thread):
             if not registered:
                 registered = self.register()
                 continue
-            queue = self.server.engine.queue_depth + self.server.engine.running
+            queue = self.server.queue_length
             try:
                 r = httpx.post(
                     self.controller + "/receive_heart_beat",
@@ -195,15 +190,7 @@ def run_worker(
 ) -> None:
     import uvicorn
 
-    import llavakit
-    from llavakit.serve.api import _model_name
-
-    pipe = llavakit.load(model, dtype=dtype)
-    if quantize:
-        from llavakit.engine.quant import quantize_pipeline
-
-        quantize_pipeline(pipe, quantize)
-    server = ModelServer(pipe, name or _model_name(model), limits, max_batch, max_queue)
+    server = load_server(model, name, dtype, quantize, limits, max_batch, max_queue)
     address = worker_address or f"http://{host}:{port}"
     app = create_worker_app(server)
     beat = Heartbeat(controller, address, server, heartbeat)
