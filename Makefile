@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "How many shapes are there?"
 	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "Where is the blue square?"
+	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "Is there a yellow triangle?"
 	$(BIN)/llavakit chat --image examples/fashion_item.png --max-new-tokens 16 "What is this item?"
 
 lint: setup

@@ -1,9 +1,11 @@
 """Serving benchmarks: llavakit's engine against transformers and llama.cpp, in the same run.
 
 (a) batch-1 prefill time and decode tokens/s: transformers ``generate`` (bf16), llavakit bf16
-    and int8, llama.cpp f16 / q8_0 (text decode, when llama-cpp-python is installed);
+    and int8, llama.cpp f16 / q8_0 when llama-cpp-python is installed (decode on a text prompt
+    of the same length; image prefill through its LLaVA-1.5 handler with the mmproj GGUF);
 (b) aggregate tokens/s and p50 / p99 time to first token with 1, 4 and 16 concurrent
-    streaming clients of ``llavakit serve``, against sequential transformers generation;
+    streaming clients of ``llavakit serve``, against sequential transformers generation and
+    transformers' own continuous batching (``generate_batch``, language model only);
 (c) time to first token of a second turn about the same image against the first turn;
 (d) peak memory (max RSS) of each process.
 
@@ -33,6 +35,16 @@ sys.path.insert(0, str(ROOT))
 CACHE = Path(os.environ.get("LLAVAKIT_CACHE", Path.home() / ".cache" / "llavakit"))
 IMAGE = ROOT / "examples" / "scene.png"
 QUESTION = "Describe the image in detail."
+
+
+IMPLS = (
+    "transformers",
+    "llavakit",
+    "llavakit-int8",
+    "llavakit-int8w",
+    "llamacpp-f16",
+    "llamacpp-q8_0",
+)
 
 
 def peak_mb() -> float:
@@ -151,6 +163,7 @@ def run_llavakit(model: str, tokens: int, quant: str | None) -> dict:
 
     out = decode_rate(timed, tokens)
     out |= second_turn(pipe, engine)
+    out["image_answer"] = pipe.chat([IMAGE], QUESTION, max_new_tokens=16)  # vs llama.cpp's
     engine.close()
     return out | {"peak_mb": peak_mb()}
 
@@ -251,6 +264,71 @@ def gguf_paths(model: str) -> dict[str, Path] | None:
     return paths
 
 
+# llama.cpp's LLaVA-1.5 image-encoder converter expects transformers 4's CLIPVisionModel layout
+# (``model.vision_model.*``); transformers 5 flattened it. Run the script with that layout back.
+V4_LAYOUT = """
+import runpy, sys, torch, transformers
+load = transformers.CLIPVisionModel.from_pretrained
+class V4Layout(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.vision_model = inner
+transformers.CLIPVisionModel.from_pretrained = lambda *a, **k: V4Layout(load(*a, **k))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def mmproj_path(model: str) -> Path | None:
+    """The vision tower + projector of ``model`` as a llama.cpp mmproj GGUF (LLaVA-1.5 layout).
+
+    llama.cpp's HF converter only takes Pixtral-style llava towers, so this uses its LLaVA-1.5
+    route: tower as a CLIPVisionModel directory + ``llava.projector`` (``mm.0`` / ``mm.2``)
+    through ``tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py``.
+    """
+    out = model_dir(model).with_name(model_dir(model).name + "-gguf")
+    path = out / "mmproj-model-f16.gguf"
+    if path.exists():
+        return path
+    converter = find_converter()
+    script = (
+        converter and converter.parent / "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py"
+    )
+    if script is None or not script.exists():
+        return None
+    import torch
+
+    import llavakit
+
+    pipe = llavakit.load(model_dir(model), dtype="float32")
+    cfg = pipe.model.config
+    if cfg.projector_type != "mlp2x_gelu" or cfg.vision_config.model_type != "clip_vision_model":
+        return None
+    tower_dir = out / "tower-hf"
+    pipe.model.vision_tower.save_pretrained(tower_dir)  # a transformers CLIPVisionModel
+    conf = json.loads((tower_dir / "config.json").read_text())
+    conf["vision_feature_layer"] = cfg.vision_feature_layer
+    conf["projection_dim"] = cfg.text_config.hidden_size
+    (tower_dir / "config.json").write_text(json.dumps(conf))
+    proj = pipe.model.multi_modal_projector
+    torch.save(
+        {
+            "mm.0.weight": proj.linear_1.weight.detach(),
+            "mm.0.bias": proj.linear_1.bias.detach(),
+            "mm.2.weight": proj.linear_2.weight.detach(),
+            "mm.2.bias": proj.linear_2.bias.detach(),
+        },
+        tower_dir / "llava.projector",
+    )
+    env = os.environ | {"PYTHONPATH": str(converter.parent / "gguf-py")}
+    cmd = [sys.executable, "-c", V4_LAYOUT, str(script), "-m", str(tower_dir)]
+    cmd += ["--clip-model-is-vision"]
+    cmd += ["--llava-projector", str(tower_dir / "llava.projector"), "-o", str(out)]
+    cmd += ["--image-mean", *map(str, cfg.image_mean), "--image-std", *map(str, cfg.image_std)]
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return path if path.exists() else None
+
+
 def find_converter() -> Path | None:
     src = CACHE / "llama-cpp-src"
     hits = list(src.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
@@ -313,9 +391,62 @@ def run_llamacpp(model: str, tokens: int, quant: str) -> dict:
                 break
         return time.perf_counter() - start
 
-    return decode_rate(timed, tokens) | {
+    result = decode_rate(timed, tokens)
+    mmproj = mmproj_path(model)
+    if mmproj is not None:
+        result |= llamacpp_image_prefill(llm, mmproj)
+    return result | {
         "peak_mb": peak_mb(),
-        "note": "text prompt of the same length (no image encoder)",
+        "note": "decode: text prompt of the image prompt's length; image prefill: LLaVA-1.5 "
+        "chat handler with the mmproj (CLIP tower + projector in GGUF)",
+    }
+
+
+def llamacpp_image_prefill(llm, mmproj: Path) -> dict:
+    """Time to the first token of an image question through llama.cpp's LLaVA-1.5 handler."""
+    import base64
+
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    class ChatMLLlava(Llava15ChatHandler):
+        """LLaVA-1.5 image handling with the ChatML prompt the demo model was trained on."""
+
+        CHAT_FORMAT = (
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+            "{% if m.content is string %}{{ m.content }}{% else %}"
+            "{% for c in m.content %}{% if c.type == 'image_url' %}{{ c.image_url.url }}\n"
+            "{% endif %}{% endfor %}{% for c in m.content %}{% if c.type == 'text' %}"
+            "{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+
+    llm.chat_handler = ChatMLLlava(clip_model_path=str(mmproj), verbose=False)
+    url = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": QUESTION},
+            ],
+        }
+    ]
+
+    def first_token() -> float:
+        llm.reset()
+        start = time.perf_counter()
+        stream = llm.create_chat_completion(messages, max_tokens=2, temperature=0.0, stream=True)
+        for chunk in stream:
+            if chunk["choices"][0]["delta"].get("content"):
+                break
+        return time.perf_counter() - start
+
+    first_token()
+    llm.reset()
+    answer = llm.create_chat_completion(messages, max_tokens=16, temperature=0.0)
+    return {
+        "prefill_image_s": min(first_token() for _ in range(3)),
+        "image_answer": answer["choices"][0]["message"]["content"],
     }
 
 
@@ -418,6 +549,42 @@ def run_sequential_transformers(model: str, tokens: int, n: int) -> dict:
     return {"tok_s": n * tokens / wall, "peak_mb": peak_mb()}
 
 
+def run_transformers_cb(model: str, tokens: int, n: int) -> dict:
+    """transformers' own continuous batching (``generate_batch``) on ``n`` prompts at once.
+
+    ``generate_batch`` takes token lists only (no pixel values), so it runs the language model on
+    a text prompt of the image prompt's length, like the llama.cpp rows.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    import llavakit
+
+    pipe = llavakit.load(model_dir(model), dtype="bfloat16")
+    image_id = pipe.model.config.image_token_id
+    prompts = []
+    for i in range(n):
+        ids = pipe.encode([IMAGE], f"{QUESTION} ({i})").input_ids
+        prompts.append([0 if t == image_id or t < 0 else t for t in ids])
+    lm = pipe.model.language_model.eval()
+    del pipe
+    config = GenerationConfig(
+        max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    with torch.inference_mode():
+        lm.generate_batch(prompts[:2], generation_config=config, max_new_tokens=4)  # warm-up
+        start = time.perf_counter()
+        out = lm.generate_batch(prompts, generation_config=config, record_timestamps=True)
+        wall = time.perf_counter() - start
+    generated = sum(len(o.generated_tokens) for o in out.values())
+    return {
+        "tok_s": generated / wall,
+        "generated": generated,
+        "peak_mb": peak_mb(),
+        "note": "LM only, text prompt of the same length (generate_batch takes no images)",
+    }
+
+
 # -- driver -----------------------------------------------------------------------------------
 def child(args: list[str]) -> dict:
     proc = subprocess.run(
@@ -437,6 +604,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--child", nargs="*")
+    parser.add_argument(
+        "--only", default="", help="re-run these rows (comma list), keep the others from --out"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = parser.parse_args()
     if args.child is not None:
@@ -446,31 +616,37 @@ def main() -> None:
             "transformers": lambda: run_transformers(model, tokens),
             "llavakit": lambda: run_llavakit(model, tokens, None),
             "llavakit-int8": lambda: run_llavakit(model, tokens, "int8"),
+            "llavakit-int8w": lambda: run_llavakit(model, tokens, "int8w"),
             "llamacpp-f16": lambda: run_llamacpp(model, tokens, "f16"),
             "llamacpp-q8_0": lambda: run_llamacpp(model, tokens, "q8_0"),
             "concurrency": lambda: run_concurrency(
                 model, tokens, [int(x) for x in rest[0].split(",")]
             ),
             "sequential": lambda: run_sequential_transformers(model, tokens, int(rest[0])),
+            "transformers-cb": lambda: run_transformers_cb(model, tokens, int(rest[0])),
         }[kind]()
         print(json.dumps(result))
         return
-    report = {}
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if args.only and out.exists() else {}
+    clients = args.clients
+    top = str(max(int(c) for c in clients.split(",")))
+    jobs = {impl: [impl, "{model}", str(args.tokens)] for impl in IMPLS}
+    jobs["concurrency"] = ["concurrency", "{model}", "32", clients]
+    jobs["sequential-transformers"] = ["sequential", "{model}", "32", top]
+    jobs["transformers-cb"] = ["transformers-cb", "{model}", "32", top]
+    wanted = args.only.split(",") if args.only else list(jobs)
+    unknown = set(wanted) - set(jobs)
+    if unknown:
+        parser.error(f"--only: unknown {sorted(unknown)}; choose from {sorted(jobs)}")
     for model in args.models.split(","):
         model_dir(model)  # build / convert once, outside the timed children
-        r = {}
-        for impl in ("transformers", "llavakit", "llavakit-int8", "llamacpp-f16", "llamacpp-q8_0"):
-            r[impl] = child([impl, model, str(args.tokens)])
-            print(model, impl, json.dumps(r[impl]), flush=True)
-        clients = args.clients
-        r["concurrency"] = child(["concurrency", model, "32", clients])
-        print(model, "concurrency", json.dumps(r["concurrency"]), flush=True)
-        top = max(int(c) for c in clients.split(","))
-        r["sequential-transformers"] = child(["sequential", model, "32", str(top)])
-        print(model, "sequential", json.dumps(r["sequential-transformers"]), flush=True)
-        report[model] = r
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        r = report.setdefault(model, {})
+        for name in wanted:
+            r[name] = child([a.format(model=model) for a in jobs[name]])
+            print(model, name, json.dumps(r[name]), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(summary(report, args.clients))
 
 
@@ -479,25 +655,32 @@ def summary(report: dict, clients: str) -> str:
     for model, r in report.items():
         t = r["transformers"]
         lines.append(f"\n## {model}")
-        lines.append("| engine | prefill (s) | decode tok/s | vs transformers | peak MB |")
+        lines.append(
+            "| engine | prefill with image (s) | decode tok/s | vs transformers | peak MB |"
+        )
         lines.append("|---|---|---|---|---|")
-        for impl in ("transformers", "llavakit", "llavakit-int8", "llamacpp-f16", "llamacpp-q8_0"):
-            x = r[impl]
+        for impl in IMPLS:
+            x = r.get(impl, {"error": "not run"})
             if "error" in x:
                 lines.append(f"| {impl} | - | - | - | {x['error']} |")
                 continue
             ratio = x["decode_tok_s"] / t["decode_tok_s"] if "decode_tok_s" in t else float("nan")
+            prefill = f"{x['prefill_s']:.3f}"
+            if impl.startswith("llamacpp"):  # its decode prompt is text; image prefill apart
+                prefill = f"{x['prefill_image_s']:.3f}" if "prefill_image_s" in x else "-"
+                prefill += f" (text-only {x['prefill_s']:.3f})"
             lines.append(
-                f"| {impl} | {x['prefill_s']:.3f} | {x['decode_tok_s']:.1f} | {ratio:.2f}x | "
+                f"| {impl} | {prefill} | {x['decode_tok_s']:.1f} | {ratio:.2f}x | "
                 f"{x['peak_mb']:.0f} |"
             )
-        q8 = r["llamacpp-q8_0"]
-        if "decode_tok_s" in q8 and "decode_tok_s" in r["llavakit-int8"]:
+        q8, i8 = r.get("llamacpp-q8_0", {}), r.get("llavakit-int8", {})
+        if "decode_tok_s" in q8 and "decode_tok_s" in i8:
             lines.append(
                 f"llavakit int8 / llama.cpp q8_0 decode: "
-                f"{r['llavakit-int8']['decode_tok_s'] / q8['decode_tok_s']:.2f}x"
+                f"{i8['decode_tok_s'] / q8['decode_tok_s']:.2f}x"
             )
-        c, s = r["concurrency"], r["sequential-transformers"]
+        c = r.get("concurrency", {"error": "not run"})
+        s = r.get("sequential-transformers", {"error": "not run"})
         if "error" not in c and "error" not in s:
             lines.append(
                 "| clients | llavakit tok/s | TTFT p50 (s) | TTFT p99 (s) | vs sequential transformers |"
@@ -510,6 +693,12 @@ def summary(report: dict, clients: str) -> str:
                     f"{x['tok_s'] / s['tok_s']:.2f}x |"
                 )
             lines.append(f"sequential transformers: {s['tok_s']:.1f} tok/s")
+            cb, top = r.get("transformers-cb", {}), max(clients.split(","), key=int)
+            if "tok_s" in cb:
+                lines.append(
+                    f"transformers generate_batch ({top} prompts, LM only): {cb['tok_s']:.1f} tok/s; "
+                    f"llavakit {top} clients / generate_batch = {c[top]['tok_s'] / cb['tok_s']:.2f}x"
+                )
         lk = r["llavakit"]
         if "second_turn_ttft_s" in lk:
             lines.append(

@@ -107,7 +107,7 @@ def _add_serving_parsers(sub) -> None:
         p.add_argument("--name", default=None, help="model name clients use (default: dir name)")
         p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
         p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
-        p.add_argument("--quantize", default=None, choices=["int8", "bnb8", "bnb4"])
+        p.add_argument("--quantize", default=None, choices=["int8", "int8w", "bnb8", "bnb4"])
         p.add_argument("--max-batch", type=int, default=16, help="running batch slots")
         p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
         p.add_argument("--max-images", type=int, default=4, help="images per request")

@@ -100,8 +100,12 @@ class LlavaConfig:
         )
         if self.family == "llava_next":
             hf = LlavaNextConfig(image_grid_pinpoints=self.image_grid_pinpoints, **common)
+            hf.architectures = ["LlavaNextForConditionalGeneration"]
         else:
-            hf = HFLlavaConfig(**common)
+            from llavakit.model.llava import tokens_per_tile
+
+            hf = HFLlavaConfig(image_seq_length=tokens_per_tile(self), **common)
+            hf.architectures = ["LlavaForConditionalGeneration"]
         hf.llavakit = self.llavakit_fields()
         return hf
 

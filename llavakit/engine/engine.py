@@ -32,7 +32,13 @@ from typing import Any
 
 import torch
 
-from llavakit.engine.generate import Detokenizer, GenerationConfig, pick_tokens, process_logits
+from llavakit.engine.generate import (
+    Detokenizer,
+    GenerationConfig,
+    accept_token,
+    pick_tokens,
+    process_logits,
+)
 from llavakit.errors import EngineBusy, EngineStopped, PromptTooLong
 from llavakit.processing.processor import Encoded
 
@@ -471,21 +477,16 @@ class Engine:
         reason = None
         if budget <= 0:
             reason = "length"
-        elif token in self.eos_ids and not cfg.ignore_eos:
-            run.generated += 1
-            reason = "stop"
-            delta = run.detok.flush()
-            if delta:
-                run.req.handle._push(delta)
         else:
             run.generated += 1
-            run.seen = torch.cat([run.seen, torch.tensor([token])])
-            delta, stopped = run.detok.add(token)
-            if stopped:
+            delta, end = accept_token(token, run.detok, cfg, self.eos_ids)
+            if end is not None:
                 reason = "stop"
             elif run.generated >= budget or len(run.ids) + 1 >= self.max_len:
                 reason = "length"
                 delta += run.detok.flush()
+            if end != "eos":
+                run.seen = torch.cat([run.seen, torch.tensor([token])])
             if delta:
                 run.req.handle._push(delta)
         if budget > 0:

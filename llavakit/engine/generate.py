@@ -107,6 +107,21 @@ class Detokenizer:
         return delta
 
 
+def accept_token(
+    token: int, detok: Detokenizer, cfg: GenerationConfig, eos_token_ids: set[int]
+) -> tuple[str, str | None]:
+    """One sampled token of one sequence -> (new text, why it ends: None, "eos" or "stop").
+
+    End of sequence (unless ``ignore_eos``) releases the text held back for stop strings and is
+    not itself text; a stop string ends the text just before it. Shared by ``generate_stream``
+    and the engine so both stream exactly the same text.
+    """
+    if token in eos_token_ids and not cfg.ignore_eos:
+        return detok.flush(), "eos"
+    delta, stopped = detok.add(token)
+    return delta, "stop" if stopped else None
+
+
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest tail of ``text`` that could still grow into a stop string."""
     best = 0
@@ -158,15 +173,11 @@ def generate_stream(
             if done[r]:
                 tokens[r] = pad
                 continue
-            token = int(tokens[r])
-            if token in eos_token_ids and not cfg.ignore_eos:
-                done[r] = True
-                deltas[r] = detoks[r].flush()
-                continue
-            seen[r] = torch.cat([seen[r], tokens[r : r + 1]])
-            deltas[r], stopped = detoks[r].add(token)
-            done[r] = stopped
-            if step == budget - 1 and not stopped:
+            deltas[r], end = accept_token(int(tokens[r]), detoks[r], cfg, eos_token_ids)
+            done[r] = end is not None
+            if end != "eos":
+                seen[r] = torch.cat([seen[r], tokens[r : r + 1]])
+            if step == budget - 1 and not done[r]:
                 deltas[r] += detoks[r].flush()
         yield deltas
         if all(done) or step == budget - 1:

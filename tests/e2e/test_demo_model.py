@@ -26,11 +26,9 @@ def demo():
 
 
 def test_held_out_scenes_per_question_type(demo):
-    """Held-out scenes through llavakit.load(). The demo model reads what every image token
-    carries (count, the Fashion-MNIST class) reliably but binds an object to its colour /
-    position only partly (see the README's demo section); these floors pin what it does
-    today (full evaluation: count 100%, shape 62%, colour 59%, position 50%, existence 51%)
-    so a regression shows."""
+    """Held-out scenes through llavakit.load(); floors below the full evaluation (1,000 scenes:
+    colour 95.5%, shape 99%, count 100%, position 86.5%, existence 80%) with room for the
+    30-question sample, so a regression shows."""
     size = demo.processor.config.image_size
     items = synthetic.eval_items(150, seed=7, phrasing="train", split="test", size=size)
     answers = demo.generate_batch(
@@ -42,21 +40,22 @@ def test_held_out_scenes_per_question_type(demo):
         right[qtype] += synthetic.score(got, expected, qtype)
     accuracy = {q: right[q] / total[q] for q in total}
     assert accuracy["count"] >= 0.9, accuracy
-    assert accuracy["shape"] >= 0.45, accuracy  # chance: 1/3
-    assert accuracy["colour"] >= 0.4, accuracy  # chance: 1/6
-    assert accuracy["position"] >= 0.35, accuracy  # chance: 1/5
-    assert sum(right.values()) / sum(total.values()) >= 0.55, accuracy
+    assert accuracy["shape"] >= 0.85, accuracy  # chance: 1/3
+    assert accuracy["colour"] >= 0.8, accuracy  # chance: 1/6
+    assert accuracy["position"] >= 0.7, accuracy  # chance: 1/5
+    assert accuracy["existence"] >= 0.65, accuracy  # chance: 1/2
+    assert sum(right.values()) / sum(total.values()) >= 0.85, accuracy
 
 
 def test_fashion_mnist_test_images(demo):
-    """200 Fashion-MNIST test images (never trained on); the full 10,000 score 87.6%."""
+    """200 Fashion-MNIST test images (never trained on); the full 10,000 score 88.4%."""
     size = demo.processor.config.image_size
     items = fashion.eval_items("test", n=200, phrasing="heldout", size=size)
     answers = demo.generate_batch(
         [{"images": [im], "prompt": q} for im, q, _, _ in items], max_new_tokens=8
     )
     right = sum(fashion.score(a, label) for a, (_, _, _, label) in zip(answers, items, strict=True))
-    assert right / len(items) >= 0.8, right
+    assert right / len(items) >= 0.82, right
 
 
 def test_text_only_chat_still_works(demo):
@@ -70,6 +69,8 @@ def test_demo_example_images(demo):
     assert answer.strip() == "3"
     answer = demo.chat(["examples/scene.png"], "Where is the blue square?", max_new_tokens=6)
     assert "bottom" in answer.lower()
+    answer = demo.chat(["examples/scene.png"], "Is there a yellow triangle?", max_new_tokens=6)
+    assert answer.strip().lower().startswith("yes")
     answer = demo.chat(["examples/fashion_item.png"], "What is this item?", max_new_tokens=8)
     assert "ankle boot" in answer.lower()
 

@@ -139,3 +139,45 @@ def test_encoded_length_equals_predicted_count(aspect, merge):
         with torch.no_grad():
             feats = model.encode_images([prep(image)], [(h, w)])
         assert feats.shape[0] == image_token_count(cfg, (h, w))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_loss_on_supervised_positions_equals_full_logits_loss(lora):
+    """The answer-only vocabulary projection gives the LM's own loss and the same gradients."""
+    torch.manual_seed(0)
+    cfg = tiny_config(image_token_id=5)
+    model = LlavaForCausalLM(cfg).train()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora_cfg = LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False
+        )
+        model.language_model = get_peft_model(model.language_model, lora_cfg)
+    n = tokens_per_tile(cfg)
+    ids = torch.tensor([[1, *[5] * n, 9, 10, 11, 12, 13], [1, *[5] * n, 20, 21, 22, 0, 0]])
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    labels = ids.masked_fill(ids == 5, -100)
+    labels[:, : n + 3] = -100
+    labels[1, -2:] = -100
+    pixels = [torch.randn(1, 3, 56, 56), torch.randn(1, 3, 56, 56)]
+    sizes = [(56, 56), (56, 56)]
+
+    out = model(ids, mask, pixels, sizes, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    ours = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    embeds = model.embed(ids, pixels, sizes)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = model.language_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels
+    )
+    full.loss.backward()
+    assert torch.allclose(out.loss, full.loss, atol=1e-5)
+    assert ours and all(
+        torch.allclose(ours[k], p.grad, atol=1e-6) for k, p in model.named_parameters() if k in ours
+    )
+    assert any("lora_" in k for k in ours) == lora

@@ -118,6 +118,10 @@ def test_lora_run_loads_merges_and_converts(lora_run, tmp_path, capsys):
     assert "(lora -> hf)" in capsys.readouterr().out
     hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["architectures"] == ["LlavaForConditionalGeneration"]  # GGUF converters read it
+    cfg = pipe.model.config
+    assert saved["image_seq_length"] == (cfg.image_size // cfg.patch_size) ** 2
     from tests.conftest import random_image
 
     img = random_image(56, 56, 4)
