@@ -227,9 +227,15 @@ def run_transformers(model: str, tokens: int) -> dict:
     return decode_rate(timed, tokens) | {"peak_mb": peak_mb()}
 
 
+def gguf_dir(model: str) -> Path:
+    """Where the GGUF conversions of ``model`` are cached (next to its checkpoint)."""
+    path = model_dir(model)
+    return path.with_name(path.name + "-gguf")
+
+
 def gguf_paths(model: str) -> dict[str, Path] | None:
     """The LM of ``model`` as GGUF f16 / q8_0 via llama.cpp's converter (None if unavailable)."""
-    out = model_dir(model).with_name(model_dir(model).name + "-gguf")
+    out = gguf_dir(model)
     paths = {q: out / f"lm-{q}.gguf" for q in ("f16", "q8_0")}
     if all(p.exists() for p in paths.values()):
         return paths
@@ -286,7 +292,7 @@ def mmproj_path(model: str) -> Path | None:
     route: tower as a CLIPVisionModel directory + ``llava.projector`` (``mm.0`` / ``mm.2``)
     through ``tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py``.
     """
-    out = model_dir(model).with_name(model_dir(model).name + "-gguf")
+    out = gguf_dir(model)
     path = out / "mmproj-model-f16.gguf"
     if path.exists():
         return path

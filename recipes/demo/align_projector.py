@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -29,15 +30,13 @@ import llavakit.demo
 from llavakit.data import fashion, synthetic
 from llavakit.model.projector import Projector
 
-HERE = Path(__file__).resolve().parent
-import sys  # noqa: E402
-
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_vision import (  # noqa: E402
     _GRID,
     Normalizer,
     fashion_images,
     patch_tokens,
+    random_scenes,
     token_cells,
 )
 
@@ -116,9 +115,7 @@ def main() -> None:
         return
 
     def scene_set(n: int, seed: int, split: str):
-        rng = np.random.default_rng(seed)
-        scenes = [synthetic.random_scene(rng, split=split) for _ in range(n)]
-        images = np.stack([np.asarray(synthetic.render_scene(s, size)) for s in scenes])
+        scenes, images = random_scenes(n, seed, split, size)
         return features(tower, norm, images), [scene_words(s, cells) for s in scenes]
 
     def fashion_set(split: str, n: int):
@@ -160,9 +157,7 @@ def main() -> None:
 @torch.no_grad()
 def check(projector, words: WordTable, tower, norm, cells, size) -> dict[str, float]:
     """Held-out scenes: does the nearest colour / shape / position word of each token match?"""
-    rng = np.random.default_rng(123)
-    scenes = [synthetic.random_scene(rng, split="test") for _ in range(500)]
-    images = np.stack([np.asarray(synthetic.render_scene(s, size)) for s in scenes])
+    scenes, images = random_scenes(500, 123, "test", size)
     out = projector(features(tower, norm, images))
     vocab = {
         "colour": list(synthetic.COLOURS),

@@ -61,14 +61,16 @@ def scene_targets(scene: synthetic.Scene, cells: np.ndarray) -> np.ndarray:
     return np.stack([kind[cells], size[cells], cells, count], axis=1)
 
 
-def make_scenes(n: int, seed: int, split: str, size: int, cells: np.ndarray):
+def random_scenes(n: int, seed: int, split: str, size: int):
+    """``n`` random scenes of ``split`` and their pictures (uint8 NHWC)."""
     rng = np.random.default_rng(seed)
-    images, targets = [], []
-    for _ in range(n):
-        scene = synthetic.random_scene(rng, split=split)
-        images.append(np.asarray(synthetic.render_scene(scene, size)))
-        targets.append(scene_targets(scene, cells))
-    return np.stack(images), np.stack(targets)
+    scenes = [synthetic.random_scene(rng, split=split) for _ in range(n)]
+    return scenes, np.stack([np.asarray(synthetic.render_scene(s, size)) for s in scenes])
+
+
+def make_scenes(n: int, seed: int, split: str, size: int, cells: np.ndarray):
+    scenes, images = random_scenes(n, seed, split, size)
+    return images, np.stack([scene_targets(scene, cells) for scene in scenes])
 
 
 def fashion_images(split: str, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,13 @@ def workers(controller: str) -> list[str]:
     return [w["address"] for w in httpx.get(controller + "/workers").json()["workers"]]
 
 
+def wait_registered(controller: str, addresses: list[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while sorted(workers(controller)) != sorted(addresses) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sorted(workers(controller)) == sorted(addresses)
+
+
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory):
     logs = tmp_path_factory.mktemp("trio")
@@ -60,10 +67,7 @@ def trio(tmp_path_factory):
             addresses.append(address)
         for address in addresses:
             wait_healthy(address, procs[address])
-        deadline = time.monotonic() + 30
-        while sorted(workers(controller)) != sorted(addresses) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert sorted(workers(controller)) == sorted(addresses)
+        wait_registered(controller, addresses)
         yield controller, procs
     finally:
         for p in procs.values():

@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.serve.test_controller import spawn, workers
+from tests.serve.test_controller import spawn, wait_registered
 from tests.serve.test_openai_e2e import SCENE, free_port, wait_healthy
 from tests.serve.test_webui import ARTIFACTS, CHROMIUM, FLAGS
 
@@ -31,22 +30,12 @@ def web_url(tmp_path_factory):
             procs.append(spawn(args + extra, logs / f"{name}.log"))
             addresses.append(f"http://127.0.0.1:{port}")
             wait_healthy(addresses[-1], procs[-1])
-        deadline = time.monotonic() + 30
-        while sorted(workers(controller)) != sorted(addresses) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_registered(controller, addresses)
         wport = free_port()
         web = f"http://127.0.0.1:{wport}"
         args = ["web", "--controller", controller, "--port", str(wport), "--side-by-side"]
         procs.append(spawn(args, logs / "web.log"))
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert procs[-1].poll() is None, (logs / "web.log").read_text()
-            try:
-                if httpx.get(web + "/", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(web, procs[-1], timeout=120, path="/")  # the Gradio page
         yield web + "/"
     finally:
         for p in procs:
