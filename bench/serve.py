@@ -42,6 +42,8 @@ IMPLS = (
     "llavakit",
     "llavakit-int8",
     "llavakit-int8w",
+    "llavakit-gguf-f16",
+    "llavakit-gguf-q8_0",
     "llamacpp-f16",
     "llamacpp-q8_0",
 )
@@ -168,6 +170,56 @@ def run_llavakit(model: str, tokens: int, quant: str | None) -> dict:
     return out | {"peak_mb": peak_mb()}
 
 
+def run_llavakit_gguf(model: str, tokens: int, quant: str) -> dict:
+    """llavakit's GGUF backend: image features from llavakit, the LM in llama.cpp."""
+    import llavakit
+    from llavakit.engine.gguf import GGUFPipeline
+
+    paths = gguf_paths(model)
+    if paths is None:
+        return {"error": "llama.cpp converter unavailable"}
+    pipe = llavakit.load(model_dir(model), dtype="bfloat16")
+    gg = GGUFPipeline(pipe, paths[quant], n_threads=os.cpu_count() or 2)
+
+    def timed(n: int) -> float:
+        gg.reset()  # measure the full work each time: no feature or prefix cache
+        before = gg.stats["generated"]
+        start = time.perf_counter()
+        "".join(gg.stream([IMAGE], QUESTION, max_new_tokens=n, ignore_eos=True))
+        assert gg.stats["generated"] - before == n
+        return time.perf_counter() - start
+
+    out = decode_rate(timed, tokens)
+    out["image_answer"] = gg.chat([IMAGE], QUESTION, max_new_tokens=16)
+    out["image_answer_torch"] = pipe.chat([IMAGE], QUESTION, max_new_tokens=16)
+    out |= second_turn_gguf(gg)
+    gg.close()
+    return out | {"peak_mb": peak_mb()}
+
+
+def second_turn_gguf(gg) -> dict:
+    """(c) for the GGUF backend: follow-up TTFT with its feature and prefix caches."""
+    from PIL import Image
+
+    image = Image.open(IMAGE).convert("RGB").resize((300, 280))
+    first_q = [{"role": "user", "content": "<image>\nWhat is in the image?"}]
+    gg.reset()
+    answer = gg.chat([image], messages=first_q, max_new_tokens=16)
+    gg.reset()
+    start = time.perf_counter()
+    gg.chat([image], messages=first_q, max_new_tokens=1, ignore_eos=True)
+    first = time.perf_counter() - start
+    gg.reset()
+    gg.chat([image], messages=first_q, max_new_tokens=16)  # fills the caches
+    messages = first_q + [
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "What colour is the circle?"},
+    ]
+    start = time.perf_counter()
+    gg.chat([image], messages=messages, max_new_tokens=1, ignore_eos=True)
+    return {"first_turn_ttft_s": first, "second_turn_ttft_s": time.perf_counter() - start}
+
+
 def second_turn(pipe, engine) -> dict:
     """(c) TTFT of a follow-up about the same image vs the first turn (fresh caches)."""
     from PIL import Image
@@ -235,38 +287,21 @@ def gguf_dir(model: str) -> Path:
 
 def gguf_paths(model: str) -> dict[str, Path] | None:
     """The LM of ``model`` as GGUF f16 / q8_0 via llama.cpp's converter (None if unavailable)."""
+    from llavakit.engine.gguf import GGUFUnavailable, convert_lm
+
     out = gguf_dir(model)
     paths = {q: out / f"lm-{q}.gguf" for q in ("f16", "q8_0")}
     if all(p.exists() for p in paths.values()):
         return paths
-    converter = find_converter()
-    if converter is None:
-        return None
-    import torch
-
     import llavakit
 
     pipe = llavakit.load(model_dir(model), dtype="float32")
-    lm_dir = out / "lm-hf"
-    pipe.model.language_model.save_pretrained(lm_dir)
-    pipe.tokenizer.save_pretrained(lm_dir)
-    del pipe, torch
-    env = os.environ | {"PYTHONPATH": str(converter.parent / "gguf-py")}
-    for q in paths:
-        subprocess.run(
-            [
-                sys.executable,
-                str(converter),
-                str(lm_dir),
-                "--outfile",
-                str(paths[q]),
-                "--outtype",
-                q,
-            ],
-            check=True,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
+    try:
+        for q, path in paths.items():
+            if not path.exists():
+                convert_lm(pipe.model.language_model, pipe.tokenizer, path, q)
+    except GGUFUnavailable:
+        return None
     return paths
 
 
@@ -336,34 +371,13 @@ def mmproj_path(model: str) -> Path | None:
 
 
 def find_converter() -> Path | None:
-    src = CACHE / "llama-cpp-src"
-    hits = list(src.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
-    if hits:
-        return hits[0]
+    from llavakit.engine.gguf import GGUFUnavailable
+    from llavakit.engine.gguf import find_converter as find
+
     try:
-        src.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "llama-cpp-python",
-                "-d",
-                str(src),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        archive = next(src.glob("llama_cpp_python-*.tar.gz"))
-        subprocess.run(["tar", "xzf", str(archive), "-C", str(src)], check=True)
-    except (subprocess.CalledProcessError, StopIteration):
+        return find()
+    except GGUFUnavailable:
         return None
-    hits = list(src.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
-    return hits[0] if hits else None
 
 
 def run_llamacpp(model: str, tokens: int, quant: str) -> dict:
@@ -457,7 +471,7 @@ def llamacpp_image_prefill(llm, mmproj: Path) -> dict:
 
 
 # -- (b) concurrency through the HTTP server --------------------------------------------------
-def run_concurrency(model: str, tokens: int, levels: list[int]) -> dict:
+def run_concurrency(model: str, tokens: int, levels: list[int], gguf: str | None = None) -> dict:
     import base64
 
     import httpx
@@ -467,7 +481,12 @@ def run_concurrency(model: str, tokens: int, levels: list[int]) -> dict:
     from llavakit.serve.api import ModelServer, create_app
 
     pipe = llavakit.load(model_dir(model), dtype="bfloat16")
-    server = ModelServer(pipe, "bench", max_batch=16, max_queue=64)
+    engine = None
+    if gguf:  # the server's engine with the LM in llama.cpp
+        from llavakit.engine.gguf import GGUFEngine
+
+        engine = GGUFEngine(pipe, gguf_paths(model)[gguf], max_batch=16, max_queue=64)
+    server = ModelServer(pipe, "bench", max_batch=16, max_queue=64, engine=engine)
     app = create_app(server, ui=False)
     port = 18765
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -627,10 +646,15 @@ def main() -> None:
             "llavakit": lambda: run_llavakit(model, tokens, None),
             "llavakit-int8": lambda: run_llavakit(model, tokens, "int8"),
             "llavakit-int8w": lambda: run_llavakit(model, tokens, "int8w"),
+            "llavakit-gguf-f16": lambda: run_llavakit_gguf(model, tokens, "f16"),
+            "llavakit-gguf-q8_0": lambda: run_llavakit_gguf(model, tokens, "q8_0"),
             "llamacpp-f16": lambda: run_llamacpp(model, tokens, "f16"),
             "llamacpp-q8_0": lambda: run_llamacpp(model, tokens, "q8_0"),
             "concurrency": lambda: run_concurrency(
                 model, tokens, [int(x) for x in rest[0].split(",")]
+            ),
+            "concurrency-gguf": lambda: run_concurrency(
+                model, tokens, [int(x) for x in rest[0].split(",")], "q8_0"
             ),
             "sequential": lambda: run_sequential_transformers(model, tokens, int(rest[0])),
             "transformers-cb": lambda: run_transformers_cb(model, tokens, int(rest[0])),
@@ -643,6 +667,7 @@ def main() -> None:
     top = str(max(int(c) for c in clients.split(",")))
     jobs = {impl: [impl, "{model}", str(args.tokens)] for impl in IMPLS}
     jobs["concurrency"] = ["concurrency", "{model}", "32", clients]
+    jobs["concurrency-gguf-q8_0"] = ["concurrency-gguf", "{model}", "32", clients]
     jobs["sequential-transformers"] = ["sequential", "{model}", "32", top]
     jobs["transformers-cb"] = ["transformers-cb", "{model}", "32", top]
     wanted = args.only.split(",") if args.only else list(jobs)
@@ -690,11 +715,21 @@ def summary(report: dict, clients: str) -> str:
                 f"llavakit int8 / llama.cpp q8_0 decode: "
                 f"{i8['decode_tok_s'] / q8['decode_tok_s']:.2f}x"
             )
-        c = r.get("concurrency", {"error": "not run"})
-        s = r.get("sequential-transformers", {"error": "not run"})
-        if "error" not in c and "error" not in s:
+        g8 = r.get("llavakit-gguf-q8_0", {})
+        if "decode_tok_s" in q8 and "decode_tok_s" in g8:
             lines.append(
-                "| clients | llavakit tok/s | TTFT p50 (s) | TTFT p99 (s) | vs sequential transformers |"
+                f"llavakit gguf q8_0 / llama.cpp q8_0: decode "
+                f"{g8['decode_tok_s'] / q8['decode_tok_s']:.2f}x, image prefill "
+                f"{q8.get('prefill_image_s', float('nan')) / g8['prefill_s']:.2f}x faster"
+            )
+        s = r.get("sequential-transformers", {"error": "not run"})
+        for row in ("concurrency", "concurrency-gguf-q8_0"):
+            c = r.get(row, {"error": "not run"})
+            if "error" in c or "error" in s:
+                continue
+            lines.append(
+                f"| clients ({row}) | llavakit tok/s | TTFT p50 (s) | TTFT p99 (s) | "
+                "vs sequential transformers |"
             )
             lines.append("|---|---|---|---|---|")
             for n in clients.split(","):
@@ -703,19 +738,22 @@ def summary(report: dict, clients: str) -> str:
                     f"| {n} | {x['tok_s']:.1f} | {x['ttft_p50_s']:.3f} | {x['ttft_p99_s']:.3f} | "
                     f"{x['tok_s'] / s['tok_s']:.2f}x |"
                 )
-            lines.append(f"sequential transformers: {s['tok_s']:.1f} tok/s")
             cb, top = r.get("transformers-cb", {}), max(clients.split(","), key=int)
             if cb.get("tok_s"):
                 lines.append(
                     f"transformers generate_batch ({top} prompts, LM only): {cb['tok_s']:.1f} tok/s; "
-                    f"llavakit {top} clients / generate_batch = {c[top]['tok_s'] / cb['tok_s']:.2f}x"
+                    f"{row} {top} clients / generate_batch = {c[top]['tok_s'] / cb['tok_s']:.2f}x"
                 )
-        lk = r["llavakit"]
-        if "second_turn_ttft_s" in lk:
-            lines.append(
-                f"second turn TTFT {lk['second_turn_ttft_s']:.3f}s vs first {lk['first_turn_ttft_s']:.3f}s "
-                f"= {lk['second_turn_ttft_s'] / lk['first_turn_ttft_s']:.0%}"
-            )
+        if "error" not in s:
+            lines.append(f"sequential transformers: {s['tok_s']:.1f} tok/s")
+        for impl in ("llavakit", "llavakit-gguf-q8_0"):
+            lk = r.get(impl, {})
+            if "second_turn_ttft_s" in lk:
+                lines.append(
+                    f"{impl}: second turn TTFT {lk['second_turn_ttft_s']:.3f}s vs first "
+                    f"{lk['first_turn_ttft_s']:.3f}s = "
+                    f"{lk['second_turn_ttft_s'] / lk['first_turn_ttft_s']:.0%}"
+                )
     return "\n".join(lines)
 
 

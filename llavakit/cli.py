@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
     chat.add_argument("--device", default="cpu")
     chat.add_argument("--no-stream", action="store_true", help="print the answer at the end")
+    chat.add_argument(
+        "--gguf",
+        default=None,
+        choices=["f16", "q8_0"],
+        help="run the language model in llama.cpp as GGUF f16 / q8_0 (converted once, cached; "
+        "needs llama-cpp-python: make llamacpp)",
+    )
     chat.add_argument("--allow-url", action="store_true", help="allow http(s) image URLs")
     _add_generation_args(chat)
 
@@ -108,6 +115,12 @@ def _add_serving_parsers(sub) -> None:
         p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
         p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
         p.add_argument("--quantize", default=None, choices=["int8", "int8w", "bnb8", "bnb4"])
+        p.add_argument(
+            "--gguf",
+            default=None,
+            choices=["f16", "q8_0"],
+            help="run the language model in llama.cpp (GGUF, converted once and cached)",
+        )
         p.add_argument("--max-batch", type=int, default=16, help="running batch slots")
         p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
         p.add_argument("--max-images", type=int, default=4, help="images per request")
@@ -178,6 +191,7 @@ def _serving(args) -> int:
             max_queue=args.max_queue,
             ui=not args.no_ui,
             quantize=args.quantize,
+            gguf=args.gguf,
         )
     elif args.command == "worker":
         from llavakit.serve.worker import run_worker
@@ -195,6 +209,7 @@ def _serving(args) -> int:
             max_queue=args.max_queue,
             heartbeat=args.heartbeat,
             quantize=args.quantize,
+            gguf=args.gguf,
         )
     elif args.command == "controller":
         from llavakit.serve.controller import run_controller
@@ -275,7 +290,14 @@ def _chat(args: argparse.Namespace) -> int:
             from llavakit.errors import ImageNotFound
 
             raise ImageNotFound(f"{path}: no such image file")
-    pipe = llavakit.load(args.model, dtype=args.dtype, device=args.device, template=args.template)
+    if args.gguf:
+        from llavakit.engine.gguf import load_gguf
+
+        pipe = load_gguf(args.model, args.gguf, dtype=args.dtype, template=args.template)
+    else:
+        pipe = llavakit.load(
+            args.model, dtype=args.dtype, device=args.device, template=args.template
+        )
     if args.allow_url:
         pipe.processor.limits = ImageLimits(allow_urls=True)
     images = pipe.processor.load_images(args.image)

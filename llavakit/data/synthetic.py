@@ -278,26 +278,68 @@ def _referents(scene: Scene, obj: SceneObject, without: str) -> list[str]:
 
 
 def ask(
-    scene: Scene, qtype: str, rng: np.random.Generator, phrasing: str = "train"
+    scene: Scene,
+    qtype: str,
+    rng: np.random.Generator,
+    phrasing: str = "train",
+    want: str | None = None,
+    obj: SceneObject | None = None,
 ) -> tuple[str, str]:
-    """One (question, answer) of ``qtype`` about ``scene``; answers are one or two words."""
+    """One (question, answer) of ``qtype`` about ``scene``; answers are one or two words.
+
+    ``want`` ("yes" / "no") fixes an existence answer; ``obj`` picks the object a colour,
+    shape or position question is about (default: a random one).
+    """
     templates = _phrasings(phrasing)[qtype]
     template = _pick(rng, templates)
     if qtype == "count":
         return template, str(len(scene.objects))
     if qtype == "existence":
         present = {o.name for o in scene.objects}
-        if rng.random() < 0.5:
+        if want == "yes" or (want is None and rng.random() < 0.5):
             name, answer = _pick(rng, sorted(present)), "yes"
         else:  # half the negatives share a colour or a shape with the scene: binding matters
             absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
             near = [a for a in absent if any(w in a.split() for p in present for w in p.split())]
             name, answer = _pick(rng, near if near and rng.random() < 0.5 else absent), "no"
         return template.format(ref=name, a_ref=_article(name)), answer
-    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    if obj is None:
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
     ref = _pick(rng, _referents(scene, obj, qtype))
     answer = {"colour": obj.colour, "shape": obj.shape, "position": obj.position}[qtype]
     return template.format(ref=ref, a_ref=_article(ref)), answer
+
+
+def _weighted_turns(
+    scene: Scene, first: str, n: int, p: dict[str, float], rng: np.random.Generator, phrasing: str
+) -> list[tuple[str, str, str]]:
+    """``n`` turns: ``first``, then types drawn with probabilities ``p``. A type may come back
+    about another object (colour, shape, position) or with the other answer (existence: a
+    "no" after a "yes"); a turn with nothing new to ask is dropped."""
+    types = list(p)
+    draws = [first] + [types[k] for k in rng.choice(len(types), n - 1, p=list(p.values()))]
+    asked: dict[str, list] = {}
+    turns = []
+    for qtype in draws:
+        seen = asked.setdefault(qtype, [])
+        if qtype == "count" and seen or qtype == "existence" and len(seen) == 2:
+            continue
+        if qtype == "existence":
+            want = {"yes": "no", "no": "yes"}[seen[0]] if seen else None
+            question, answer = ask(scene, qtype, rng, phrasing, want=want)
+            seen.append(answer)
+        elif qtype == "count":
+            question, answer = ask(scene, qtype, rng, phrasing)
+            seen.append(answer)
+        else:
+            left = [o for o in scene.objects if o not in seen]
+            if not left:
+                continue
+            obj = left[int(rng.integers(len(left)))]
+            question, answer = ask(scene, qtype, rng, phrasing, obj=obj)
+            seen.append(obj)
+        turns.append((question, answer, qtype))
+    return turns
 
 
 def _phrasings(phrasing: str) -> dict[str, tuple[str, ...]]:
@@ -334,20 +376,41 @@ def generate(
 
 
 def conversations(
-    n: int, seed: int = 0, split: str = "train", max_turns: int = 3, phrasing: str = "train"
+    n: int,
+    seed: int = 0,
+    split: str = "train",
+    max_turns: int = 3,
+    phrasing: str = "train",
+    weights: dict[str, float] | None = None,
 ) -> list[tuple[Scene, list[tuple[str, str, str]]]]:
     """``n`` scenes, each with 1..max_turns (question, answer, qtype) turns of distinct types.
 
     Multi-turn records (as in LLaVA-Instruct) supervise several answers per image for the
     cost of encoding it once. The first turn's type cycles, so each type gets its share.
+    ``weights`` (question type -> relative share) replaces equal shares: first turns cycle
+    through the types in that proportion, later turns are drawn with it, and a type may come
+    back about another object or, for existence, with the opposite answer (see
+    ``_weighted_turns``).
     """
     if not 1 <= max_turns <= len(QTYPES):
         raise ValueError(f"max_turns must be 1..{len(QTYPES)}, got {max_turns}")
-    rng = _rng(seed, split, f"conversation{max_turns}")
+    if weights is not None and (set(weights) - set(QTYPES) or min(weights.values()) < 0):
+        raise ValueError(f"weights must map question types {QTYPES} to shares >= 0: {weights}")
+    tag = f"conversation{max_turns}" + ("" if weights is None else f"w{sorted(weights.items())}")
+    rng = _rng(seed, split, tag)
     _phrasings(phrasing)
+    if weights is not None:
+        total = sum(weights.values())
+        p = {t: w / total for t, w in weights.items()}
+        cycle = [t for t in QTYPES for _ in range(round(weights.get(t, 0) * 10))]
     out = []
     for i in range(n):
         scene = random_scene(rng, split)
+        if weights is not None:
+            turns = int(rng.integers(1, max_turns + 1))
+            qa = _weighted_turns(scene, cycle[i % len(cycle)], turns, p, rng, phrasing)
+            out.append((scene, qa))
+            continue
         first = QTYPES[i % len(QTYPES)]
         others = [QTYPES[j] for j in rng.permutation(len(QTYPES)) if QTYPES[j] != first]
         turns = int(rng.integers(1, max_turns + 1))
@@ -383,11 +446,13 @@ def write_dataset(
     size: int = 56,
     plain: bool = False,
     max_turns: int = 1,
+    weights: dict[str, float] | None = None,
 ) -> Path:
     """Write PNGs to out_dir/images and return the LLaVA JSON (image paths relative to out_dir).
 
     ``plain=True`` (captions only) leaves the human turn as bare "<image>" for stage 1;
-    ``max_turns > 1`` (QA only) writes multi-turn conversations (see ``conversations``).
+    ``max_turns > 1`` (QA only) writes multi-turn conversations (see ``conversations``, which
+    also takes ``weights``).
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -396,8 +461,9 @@ def write_dataset(
     if max_turns > 1:
         if kind != "qa":
             raise ValueError("max_turns > 1 needs kind='qa'")
-        stem += f"_t{max_turns}"
-        for i, (scene, turns) in enumerate(conversations(n, seed, split, max_turns, phrasing)):
+        stem += f"_t{max_turns}" + ("_w" if weights else "")
+        convs = conversations(n, seed, split, max_turns, phrasing, weights)
+        for i, (scene, turns) in enumerate(convs):
             ident = f"{stem}_{i:06d}"
             render_scene(scene, size).save(out / "images" / f"{ident}.png", compress_level=1)
             record = llava_record(ident, f"images/{ident}.png", turns[0][0], turns[0][1])

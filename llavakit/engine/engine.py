@@ -255,17 +255,9 @@ class Engine:
     ) -> None:
         self.pipe = pipe
         self.model = pipe.model
-        lm_cfg = self.model.language_model.config
         self.max_len = min(max_len or self.model.config.max_context, self.model.config.max_context)
-        # KV memory: slots x capacity, the capacity doubling on demand up to max_len
-        kv_heads = getattr(lm_cfg, "num_key_value_heads", None) or lm_cfg.num_attention_heads
-        head_dim = getattr(lm_cfg, "head_dim", None) or (
-            lm_cfg.hidden_size // lm_cfg.num_attention_heads
-        )
-        self.cache = SlotCache(
-            lm_cfg.num_hidden_layers, max_batch, kv_heads, head_dim, self.max_len, self.model.dtype
-        )
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.cache = self._new_cache()
         self.eos_ids = pipe.eos_token_ids()
         self.stats = EngineStats()
         self._waiting: deque[_Request] = deque()
@@ -279,6 +271,22 @@ class Engine:
         self._prefix_tokens = 0
         self._thread = threading.Thread(target=self._loop, name="llavakit-engine", daemon=True)
         self._thread.start()
+
+    def _new_cache(self):
+        """KV memory: slots x capacity, the capacity doubling on demand up to max_len."""
+        lm_cfg = self.model.language_model.config
+        kv_heads = getattr(lm_cfg, "num_key_value_heads", None) or lm_cfg.num_attention_heads
+        head_dim = getattr(lm_cfg, "head_dim", None) or (
+            lm_cfg.hidden_size // lm_cfg.num_attention_heads
+        )
+        return SlotCache(
+            lm_cfg.num_hidden_layers,
+            self.max_batch,
+            kv_heads,
+            head_dim,
+            self.max_len,
+            self.model.dtype,
+        )
 
     # -- public --------------------------------------------------------------------------------
     @property
@@ -411,27 +419,8 @@ class Engine:
             self.stats.cancelled += 1
             handle._push(Finish("cancelled", len(enc.input_ids), 0))
             return
-        slot = len(self._running)
         try:
-            reused, kv = self._lookup_prefix(req)
-            if reused:
-                self.cache.write(slot, kv, reused)
-                self.stats.prefix_hits += 1
-                self.stats.prefix_tokens_reused += reused
-            ids = torch.tensor([enc.input_ids], dtype=torch.long)
-            embeds = self._embed(req, ids, reused)
-            total = ids.shape[1]
-            self.cache.plan_prefill(slot, reused, total)
-            positions = torch.arange(reused, total)[None]
-            mask = self._additive(torch.ones(1, 1, total - reused, total).tril(reused).bool())
-            out = self.model.language_model(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            reused, logits = self._prefill(req, len(self._running))
         except Exception as exc:  # a bad request must not take the engine down
             handle._push(Finish("error", len(enc.input_ids), 0, error=exc))
             return
@@ -445,12 +434,36 @@ class Engine:
             next_token=0,
             detok=Detokenizer(self.pipe.tokenizer, cfg.stop),
             generator=generator,
-            seen=ids[0],
+            seen=torch.tensor(enc.input_ids, dtype=torch.long),
             generated=0,
             cached=reused,
         )
         self._running.append(run)
-        self._accept(run, out.logits[:, -1].float())
+        self._accept(run, logits)
+
+    def _prefill(self, req: _Request, slot: int) -> tuple[int, torch.Tensor]:
+        """Fill ``slot`` with the prompt's keys / values (reusing a cached prefix); return the
+        number of reused positions and the last position's [1, V] logits."""
+        reused, kv = self._lookup_prefix(req)
+        if reused:
+            self.cache.write(slot, kv, reused)
+            self.stats.prefix_hits += 1
+            self.stats.prefix_tokens_reused += reused
+        ids = torch.tensor([req.encoded.input_ids], dtype=torch.long)
+        embeds = self._embed(req, ids, reused)
+        total = ids.shape[1]
+        self.cache.plan_prefill(slot, reused, total)
+        positions = torch.arange(reused, total)[None]
+        mask = self._additive(torch.ones(1, 1, total - reused, total).tril(reused).bool())
+        out = self.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return reused, out.logits[:, -1].float()
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         """Boolean [B, 1, q, kv] mask -> additive float mask (works for sdpa and eager)."""
@@ -516,30 +529,34 @@ class Engine:
 
     def _decode_step(self) -> None:
         runs = list(self._running)
-        tokens = torch.tensor([[r.next_token] for r in runs], dtype=torch.long)
-        positions = torch.tensor([len(r.ids) for r in runs], dtype=torch.long)
-        self.cache.plan_decode(positions)
-        kv_len = int(positions.max()) + 1
-        mask = self._additive((torch.arange(kv_len)[None, :] <= positions[:, None])[:, None, None])
         try:
-            out = self.model.language_model(
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=positions[:, None],
-                past_key_values=self.cache,
-                use_cache=True,
-            )
+            logits = self._forward_step(runs)
         except Exception as exc:
             for run in runs:
                 self._running.remove(run)
                 run.req.handle._push(self._finish(run, "error", exc))
             return
         self.stats.decode_steps += 1
-        logits = out.logits[:, -1].float()
         for run in runs:
             run.ids.append(run.next_token)
         for row, run in enumerate(runs):
             self._accept(run, logits[row : row + 1])
+
+    def _forward_step(self, runs: list[_Running]) -> torch.Tensor:
+        """Feed every running request its next token (each at its own position): [B, V]."""
+        tokens = torch.tensor([[r.next_token] for r in runs], dtype=torch.long)
+        positions = torch.tensor([len(r.ids) for r in runs], dtype=torch.long)
+        self.cache.plan_decode(positions)
+        kv_len = int(positions.max()) + 1
+        mask = self._additive((torch.arange(kv_len)[None, :] <= positions[:, None])[:, None, None])
+        out = self.model.language_model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1].float()
 
 
 def _pixel_key(pixels: torch.Tensor, size: tuple[int, int]) -> str:

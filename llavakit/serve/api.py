@@ -51,9 +51,10 @@ class ModelServer:
         limits: ServeLimits = DEFAULT_SERVE_LIMITS,
         max_batch: int = 16,
         max_queue: int = 64,
+        engine: Engine | None = None,
     ) -> None:
         self.pipe, self.name, self.limits = pipe, name, limits
-        self.engine = Engine(pipe, max_batch=max_batch, max_queue=max_queue)
+        self.engine = engine or Engine(pipe, max_batch=max_batch, max_queue=max_queue)
         self.errors: Counter[int] = Counter()
         self.started = int(time.time())
 
@@ -357,11 +358,12 @@ def serve(
     max_queue: int = 64,
     ui: bool = True,
     quantize: str | None = None,
+    gguf: str | None = None,
 ) -> None:
     """Load ``model`` and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
     import uvicorn
 
-    server = load_server(model, name, dtype, quantize, limits, max_batch, max_queue)
+    server = load_server(model, name, dtype, quantize, limits, max_batch, max_queue, gguf)
     app = create_app(server, api_key=api_key, ui=ui)
     print(f"llavakit: serving {server.name!r} on http://{host}:{port} (UI: /ui)", flush=True)
     try:
@@ -378,16 +380,31 @@ def load_server(
     limits: ServeLimits = DEFAULT_SERVE_LIMITS,
     max_batch: int = 16,
     max_queue: int = 64,
+    gguf: str | None = None,
 ) -> ModelServer:
-    """Load (and optionally quantize) ``model`` behind a ModelServer: ``serve`` and ``worker``."""
+    """Load (and optionally quantize) ``model`` behind a ModelServer: ``serve`` and ``worker``.
+
+    ``gguf`` ("f16" / "q8_0"): the language model runs in llama.cpp (``GGUFEngine``).
+    """
     import llavakit
 
+    if quantize and gguf:
+        raise ValueError("use either --quantize (PyTorch int8) or --gguf (llama.cpp), not both")
     pipe = llavakit.load(model, dtype=dtype)
     if quantize:
         from llavakit.engine.quant import quantize_pipeline
 
         quantize_pipeline(pipe, quantize)
-    return ModelServer(pipe, name or _model_name(model), limits, max_batch, max_queue)
+    engine = None
+    if gguf:
+        from llavakit.demo import demo_checkpoint
+        from llavakit.engine.gguf import GGUFEngine, gguf_for
+
+        path = demo_checkpoint() if model in ("demo", "") else model
+        engine = GGUFEngine(
+            pipe, gguf_for(pipe, path, gguf), max_batch=max_batch, max_queue=max_queue
+        )
+    return ModelServer(pipe, name or _model_name(model), limits, max_batch, max_queue, engine)
 
 
 def _model_name(model: str) -> str:

@@ -187,10 +187,11 @@ def run_worker(
     max_queue: int = 64,
     heartbeat: float = 15.0,
     quantize: str | None = None,
+    gguf: str | None = None,
 ) -> None:
     import uvicorn
 
-    server = load_server(model, name, dtype, quantize, limits, max_batch, max_queue)
+    server = load_server(model, name, dtype, quantize, limits, max_batch, max_queue, gguf)
     address = worker_address or f"http://{host}:{port}"
     app = create_worker_app(server)
     beat = Heartbeat(controller, address, server, heartbeat)

@@ -70,6 +70,10 @@ class LlavaTrainingArguments(TrainingArguments):
     mm_projector_lr: float | None = None
     mm_vision_tower_lr: float | None = None
     group_by_modality_length: bool = False
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "with group_by_modality_length: batch samples of similar length"},
+    )
     freeze_mm_mlp_adapter: bool = False
     lora_enable: bool = False
     lora_r: int = 64

@@ -44,13 +44,19 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 class ModalityGroupedSampler(Sampler[int]):
     """Batches hold one modality (image or text-only), in shuffled order (group_by_modality_length).
 
-    ``lengths`` follow the original: positive for image samples, negative for text-only.
+    ``lengths`` follow the original: positive for image samples, negative for text-only. With
+    ``megabatches`` > 1 (``--group_by_length`` too), each run of that many shuffled batches is
+    sorted by length before it is cut into batches, so a batch pads to a similar length (as
+    transformers' length-grouped sampler); the batches are still visited in random order.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, megabatches: int = 1
+    ) -> None:
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
+        self.megabatches = megabatches
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -65,6 +71,13 @@ class ModalityGroupedSampler(Sampler[int]):
         for want_image in (True, False):
             idx = [i for i, n in enumerate(self.lengths) if (n > 0) == want_image]
             order = [idx[j] for j in torch.randperm(len(idx), generator=gen).tolist()]
+            span = self.batch_size * self.megabatches
+            if self.megabatches > 1:
+                order = [
+                    i
+                    for k in range(0, len(order), span)
+                    for i in sorted(order[k : k + span], key=lambda i: -abs(self.lengths[i]))
+                ]
             batches += [
                 order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)
             ]
@@ -80,7 +93,10 @@ class LlavaTrainer(Trainer):
         if self.args.group_by_modality_length and hasattr(dataset, "modality_lengths"):
             batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
             return ModalityGroupedSampler(
-                dataset.modality_lengths, batch * self.args.world_size, self.args.seed
+                dataset.modality_lengths,
+                batch * self.args.world_size,
+                self.args.seed,
+                megabatches=50 if self.args.group_by_length else 1,
             )
         return super()._get_train_sampler(train_dataset)
 

@@ -96,14 +96,22 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--scene-captions", type=int, default=3000)
     parser.add_argument("--fashion-captions", type=int, default=2000)
-    parser.add_argument("--scene-qa", type=int, default=6000, help="scene conversations")
+    parser.add_argument("--scene-qa", type=int, default=8800, help="scene conversations")
     parser.add_argument("--max-turns", type=int, default=3, help="questions per scene: 1..N")
+    parser.add_argument(
+        "--scene-weights",
+        default="colour=2,shape=1,count=1,position=3,existence=3",
+        help="relative share of each scene question type ('' = equal shares)",
+    )
     parser.add_argument("--fashion-qa", type=int, default=4000)
     parser.add_argument("--size", type=int, default=84, help="image side = the tower's input")
     parser.add_argument("--text-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
+    weights = {
+        k: float(v) for k, v in (kv.split("=") for kv in args.scene_weights.split(",") if kv)
+    }
     load = lambda p: json.loads(Path(p).read_text())  # noqa: E731
     stage1 = load(
         synthetic.write_dataset(
@@ -124,6 +132,7 @@ def main() -> None:
             "qa",
             size=args.size,
             max_turns=args.max_turns,
+            weights=weights or None,
         )
     )
     stage2 += load(

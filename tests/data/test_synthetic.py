@@ -255,3 +255,35 @@ def test_bad_arguments_are_refused(tmp_path):
         S.write_dataset(tmp_path, 1, kind="vqa")
     with pytest.raises(ValueError, match="qtype"):
         S.score("red", "red", "size")
+
+
+def test_weighted_conversations_follow_the_shares_and_never_repeat_a_question():
+    weights = {"colour": 2, "shape": 1, "count": 1, "position": 3, "existence": 3}
+    convs = S.conversations(2000, seed=4, max_turns=3, weights=weights)
+    assert convs == S.conversations(2000, seed=4, max_turns=3, weights=weights)  # deterministic
+    counts = Counter(t for _, turns in convs for _, _, t in turns)
+    total = sum(counts.values())
+    for qtype, w in weights.items():  # within a few points of the asked share
+        assert abs(counts[qtype] / total - w / 10) < 0.04, (qtype, counts)
+    firsts = Counter(turns[0][2] for _, turns in convs)
+    assert firsts["position"] == firsts["existence"] == 3 * firsts["shape"]
+    yes_no = Counter(a for _, turns in convs for _, a, t in turns if t == "existence")
+    assert abs(yes_no["yes"] - yes_no["no"]) < 0.1 * sum(yes_no.values())
+    for scene, turns in convs:
+        assert 1 <= len(turns) <= 3
+        assert len({q for q, _, _ in turns}) == len(turns)  # no question twice
+        exist = [a for _, a, t in turns if t == "existence"]
+        assert len(exist) <= 2 and len(set(exist)) == len(exist)  # a pair is one yes, one no
+        for qtype in ("colour", "shape", "position"):  # a repeat is about another object
+            asked = [q for q, _, t in turns if t == qtype]
+            assert len(asked) <= len(scene.objects)
+        for question, answer, qtype in turns:
+            if qtype == "existence":
+                (colour,), (shape,) = (
+                    _mentioned(question, S.COLOURS),
+                    _mentioned(question, S.SHAPES),
+                )
+                present = any(o.colour == colour and o.shape == shape for o in scene.objects)
+                assert answer == ("yes" if present else "no")
+    with pytest.raises(ValueError, match="weights"):
+        S.conversations(3, weights={"size": 1})

@@ -43,9 +43,11 @@ def wait_healthy(
     raise TimeoutError(f"{url} not healthy after {timeout}s")
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
+@pytest.fixture(scope="module", params=["torch", "gguf-q8_0"])
+def server_url(request, tmp_path_factory):
+    """The same tests against the PyTorch engine and the llama.cpp (GGUF q8_0) engine."""
     port = free_port()
+    backend = ["--gguf", "q8_0"] if request.param == "gguf-q8_0" else []
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = os.environ | {"HF_HUB_OFFLINE": "1", "LLAVAKIT_API_KEY": KEY}
     with open(log, "w") as out:
@@ -60,6 +62,7 @@ def server_url(tmp_path_factory):
                 "--no-ui",
                 "--max-batch",
                 "16",
+                *backend,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -270,3 +270,33 @@ def test_qlora_8bit_trains_and_loads(tiny_parts, stage1, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     answer = llavakit.load(out, dtype="float32").chat(None, "hi", max_new_tokens=3)
     assert isinstance(answer, str)
+
+
+@pytest.mark.parametrize("megabatches", [1, 4])
+def test_modality_grouped_sampler_keeps_modalities_apart(megabatches):
+    from llavakit.train.trainer import ModalityGroupedSampler
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = [int(n) for n in torch.randint(1, 60, (72,), generator=gen)]
+    lengths += [-int(n) for n in torch.randint(1, 60, (24,), generator=gen)]
+    sampler = ModalityGroupedSampler(lengths, batch_size=8, seed=3, megabatches=megabatches)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(lengths)))  # every sample once
+    assert order == list(sampler)  # deterministic for a seed and epoch
+    batches = [order[k : k + 8] for k in range(0, len(order), 8)]
+    assert all(len({lengths[i] > 0 for i in b}) == 1 for b in batches)  # one modality each
+
+    def padding(batches):
+        return sum(
+            max(abs(lengths[i]) for i in b) * len(b) - sum(abs(lengths[i]) for i in b)
+            for b in batches
+        )
+
+    if megabatches > 1:  # length-sorted runs: far less padding than the unsorted order
+        plain = ModalityGroupedSampler(lengths, batch_size=8, seed=3)
+        unsorted = list(plain)
+        assert padding(batches) < 0.5 * padding(
+            [unsorted[k : k + 8] for k in range(0, len(unsorted), 8)]
+        )
+        sampler.set_epoch(1)
+        assert list(sampler) != order  # a new shuffle each epoch
