@@ -56,7 +56,7 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Rebuild the bundled demo model with the package's own recipe (~1 hour on a 2-core CPU).
+# Rebuild the bundled demo model with the package's own recipe (~1.5 hours on a 2-core CPU).
 demo-model: setup
 	command -v apt-get >/dev/null && [ -d /usr/share/datasets/fashion-mnist ] || apt-get install -y dataset-fashion-mnist
 	bash recipes/demo/run.sh

@@ -131,11 +131,11 @@ def build_half_b(out: Path) -> None:
 
 # -- (a) decode / prefill, one process per implementation ------------------------------------
 def decode_rate(timed, tokens: int) -> dict:
-    """``timed(n)`` = seconds to generate n tokens: warm up, then the best of a few runs;
+    """``timed(n)`` = seconds to generate n tokens: warm up, then the best of three runs;
     decode tokens/s = (tokens - 1) / (time for ``tokens`` - time for 1)."""
     timed(2)
     prefill = min(timed(1) for _ in range(3))
-    total = min(timed(tokens) for _ in range(2))
+    total = min(timed(tokens) for _ in range(3))
     return {"prefill_s": prefill, "decode_tok_s": (tokens - 1) / (total - prefill)}
 
 

@@ -410,6 +410,20 @@ class GGUFPipeline:
         """The whole answer to ``prompt`` about ``images``."""
         return "".join(self.stream(images, prompt, messages=messages, system=system, **gen))
 
+    def generate_batch(self, requests: list[dict], **gen: Any) -> list[str]:
+        """``Pipeline.generate_batch``'s answers, computed one request after another (batch 1;
+        ``GGUFEngine`` runs requests together)."""
+        return [
+            self.chat(
+                r.get("images"),
+                r.get("prompt"),
+                messages=r.get("messages"),
+                system=r.get("system"),
+                **gen,
+            )
+            for r in requests
+        ]
+
 
 class GGUFEngine(Engine):
     """``Engine`` with the LM in llama.cpp: the same continuous batching (a request joins and

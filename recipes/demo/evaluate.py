@@ -120,6 +120,7 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--quantize", default=None, help="int8: measure the quantized model")
+    parser.add_argument("--gguf", default=None, help="f16 / q8_0: the LM in llama.cpp")
     args = parser.parse_args()
     start = time.time()
     pipe = llavakit.load(args.model)
@@ -127,6 +128,10 @@ def main() -> None:
         from llavakit.engine.quant import quantize_pipeline
 
         quantize_pipeline(pipe, args.quantize)
+    if args.gguf:
+        from llavakit.engine.gguf import load_gguf
+
+        pipe = load_gguf(args.model, args.gguf)
     report = {
         "scenes_train_phrasings": eval_scenes(pipe, args.scenes, "train", args.batch),
         "scenes_heldout_phrasings": eval_scenes(pipe, args.scenes, "heldout", args.batch),
@@ -140,6 +145,7 @@ def main() -> None:
         },
         "fashion_n": args.fashion or 10000,
         "quantize": args.quantize,
+        "gguf": args.gguf,
         "blind_n": args.blind,
         "seconds": round(time.time() - start),
     }

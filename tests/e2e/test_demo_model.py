@@ -27,8 +27,8 @@ def demo():
 
 def test_held_out_scenes_per_question_type(demo):
     """Held-out scenes through llavakit.load(); floors below the full evaluation (1,000 scenes:
-    colour 95.5%, shape 99%, count 100%, position 86.5%, existence 80%) with room for the
-    30-question sample, so a regression shows."""
+    colour 97.5%, shape 97%, count 100%, position 92%, existence 90.5%; this sample of 30 per
+    type: 96.7 / 96.7 / 100 / 90 / 96.7) with room for the sample, so a regression shows."""
     size = demo.processor.config.image_size
     items = synthetic.eval_items(150, seed=7, phrasing="train", split="test", size=size)
     answers = demo.generate_batch(
@@ -41,14 +41,15 @@ def test_held_out_scenes_per_question_type(demo):
     accuracy = {q: right[q] / total[q] for q in total}
     assert accuracy["count"] >= 0.9, accuracy
     assert accuracy["shape"] >= 0.85, accuracy  # chance: 1/3
-    assert accuracy["colour"] >= 0.8, accuracy  # chance: 1/6
-    assert accuracy["position"] >= 0.7, accuracy  # chance: 1/5
-    assert accuracy["existence"] >= 0.65, accuracy  # chance: 1/2
-    assert sum(right.values()) / sum(total.values()) >= 0.85, accuracy
+    assert accuracy["colour"] >= 0.85, accuracy  # chance: 1/6
+    assert accuracy["position"] >= 0.8, accuracy  # chance: 1/5
+    assert accuracy["existence"] >= 0.8, accuracy  # chance: 1/2
+    assert sum(right.values()) / sum(total.values()) >= 0.9, accuracy
 
 
 def test_fashion_mnist_test_images(demo):
-    """200 Fashion-MNIST test images (never trained on); the full 10,000 score 88.4%."""
+    """200 Fashion-MNIST test images (never trained on; this sample: 86%); the full 10,000
+    score 88.0%."""
     size = demo.processor.config.image_size
     items = fashion.eval_items("test", n=200, phrasing="heldout", size=size)
     answers = demo.generate_batch(

@@ -45,6 +45,10 @@ def test_q8_0_answers_equal_the_torch_model(q8, torch_pipe):
         assert q8.chat([image], question, max_new_tokens=16) == want, question
     text = "What is the capital of France?"
     assert "Paris" in q8.chat(prompt=text, max_new_tokens=24)
+    batch = q8.generate_batch(
+        [{"images": [i], "prompt": q} for i, q in QUESTIONS], max_new_tokens=16
+    )
+    assert batch == [torch_pipe.chat([i], q, max_new_tokens=16) for i, q in QUESTIONS]
     pieces = list(q8.stream([SCENE], QUESTIONS[0][1], max_new_tokens=16))
     assert "".join(pieces) == torch_pipe.chat([SCENE], QUESTIONS[0][1], max_new_tokens=16)
 
