@@ -139,6 +139,19 @@ def decode_rate(timed, tokens: int) -> dict:
     return {"prefill_s": prefill, "decode_tok_s": (tokens - 1) / (total - prefill)}
 
 
+def streamed_rate(run, tokens: int) -> dict:
+    """``run(n)`` = (seconds to the first token, seconds to the n-th): warm up, then the best of
+    three; decode tokens/s from the first token to the last of the same run, so a noisy
+    prefill (a large tower, a long prompt) does not leak into the decode rate. Used for the two
+    llama.cpp decoders, which are compared with each other."""
+    run(2)
+    runs = [run(tokens) for _ in range(3)]
+    return {
+        "prefill_s": min(first for first, _ in runs),
+        "decode_tok_s": max((tokens - 1) / (total - first) for first, total in runs),
+    }
+
+
 def run_llavakit(model: str, tokens: int, quant: str | None) -> dict:
     import torch
 
@@ -181,15 +194,16 @@ def run_llavakit_gguf(model: str, tokens: int, quant: str) -> dict:
     pipe = llavakit.load(model_dir(model), dtype="bfloat16")
     gg = GGUFPipeline(pipe, paths[quant], n_threads=os.cpu_count() or 2)
 
-    def timed(n: int) -> float:
+    def timed(n: int) -> tuple[float, float]:
         gg.reset()  # measure the full work each time: no feature or prefix cache
         before = gg.stats["generated"]
-        start = time.perf_counter()
-        "".join(gg.stream([IMAGE], QUESTION, max_new_tokens=n, ignore_eos=True))
+        start, first = time.perf_counter(), None
+        for _ in gg.stream([IMAGE], QUESTION, max_new_tokens=n, ignore_eos=True):
+            first = first or time.perf_counter() - start
         assert gg.stats["generated"] - before == n
-        return time.perf_counter() - start
+        return first, time.perf_counter() - start
 
-    out = decode_rate(timed, tokens)
+    out = streamed_rate(timed, tokens)
     out["image_answer"] = gg.chat([IMAGE], QUESTION, max_new_tokens=16)
     out["image_answer_torch"] = pipe.chat([IMAGE], QUESTION, max_new_tokens=16)
     out |= second_turn_gguf(gg)
@@ -401,17 +415,18 @@ def run_llamacpp(model: str, tokens: int, quant: str) -> dict:
         logits_all=False,
     )
 
-    def timed(n: int) -> float:
+    def timed(n: int) -> tuple[float, float]:
         llm.reset()
-        start = time.perf_counter()
+        start, first = time.perf_counter(), None
         got = 0
         for _ in llm.generate(prompt_ids, temp=0.0, top_k=1, logits_processor=None, reset=True):
             got += 1
+            first = first or time.perf_counter() - start
             if got >= n:
                 break
-        return time.perf_counter() - start
+        return first, time.perf_counter() - start
 
-    result = decode_rate(timed, tokens)
+    result = streamed_rate(timed, tokens)
     mmproj = mmproj_path(model)
     if mmproj is not None:
         result |= llamacpp_image_prefill(llm, mmproj)
