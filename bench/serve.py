@@ -211,6 +211,50 @@ def run_llavakit_gguf(model: str, tokens: int, quant: str) -> dict:
     return out | {"peak_mb": peak_mb()}
 
 
+def run_decode_parity(model: str, tokens: int, rounds: int = 6) -> dict:
+    """llavakit's GGUF decode against llama.cpp's own (q8_0, same file) in one process,
+    alternating runs so both see the same machine state; median and per-round ratios."""
+    from llama_cpp import Llama
+
+    import llavakit
+    from llavakit.engine.gguf import GGUFPipeline
+
+    path = gguf_paths(model)["q8_0"]
+    pipe = llavakit.load(model_dir(model), dtype="bfloat16")
+    gg = GGUFPipeline(pipe, path, n_threads=os.cpu_count() or 2)
+    prompt_ids = [t for t in pipe.encode([IMAGE], QUESTION).input_ids if t >= 0]
+    prompt_ids = [t if t != pipe.model.config.image_token_id else 0 for t in prompt_ids]
+    llm = Llama(str(path), n_ctx=2048, n_threads=os.cpu_count() or 2, verbose=False)
+
+    def ours() -> float:
+        gg.reset()
+        first = None
+        for _ in gg.stream([IMAGE], QUESTION, max_new_tokens=tokens, ignore_eos=True):
+            first = first or time.perf_counter()
+        return (tokens - 1) / (time.perf_counter() - first)
+
+    def theirs() -> float:
+        llm.reset()
+        got, first = 0, None
+        for _ in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+            got += 1
+            first = first or time.perf_counter()
+            if got >= tokens:
+                break
+        return (tokens - 1) / (time.perf_counter() - first)
+
+    ours(), theirs()  # warm up
+    pairs = [(ours(), theirs()) for _ in range(rounds)]
+    ratios = sorted(a / b for a, b in pairs)
+    return {
+        "llavakit_gguf_q8_0_tok_s": statistics.median(a for a, _ in pairs),
+        "llamacpp_q8_0_tok_s": statistics.median(b for _, b in pairs),
+        "ratio_median": statistics.median(ratios),
+        "ratios": [round(r, 3) for r in ratios],
+        "note": "alternating runs in one process, decode from the first token to the last",
+    }
+
+
 def second_turn_gguf(gg) -> dict:
     """(c) for the GGUF backend: follow-up TTFT with its feature and prefix caches."""
     from PIL import Image
@@ -664,6 +708,7 @@ def main() -> None:
             "llavakit-gguf-f16": lambda: run_llavakit_gguf(model, tokens, "f16"),
             "llavakit-gguf-q8_0": lambda: run_llavakit_gguf(model, tokens, "q8_0"),
             "llamacpp-f16": lambda: run_llamacpp(model, tokens, "f16"),
+            "decode-parity": lambda: run_decode_parity(model, tokens),
             "llamacpp-q8_0": lambda: run_llamacpp(model, tokens, "q8_0"),
             "concurrency": lambda: run_concurrency(
                 model, tokens, [int(x) for x in rest[0].split(",")]
@@ -682,6 +727,7 @@ def main() -> None:
     top = str(max(int(c) for c in clients.split(",")))
     jobs = {impl: [impl, "{model}", str(args.tokens)] for impl in IMPLS}
     jobs["concurrency"] = ["concurrency", "{model}", "32", clients]
+    jobs["decode-parity"] = ["decode-parity", "{model}", str(args.tokens)]
     jobs["concurrency-gguf-q8_0"] = ["concurrency-gguf", "{model}", "32", clients]
     jobs["sequential-transformers"] = ["sequential", "{model}", "32", top]
     jobs["transformers-cb"] = ["transformers-cb", "{model}", "32", top]
@@ -736,6 +782,14 @@ def summary(report: dict, clients: str) -> str:
                 f"llavakit gguf q8_0 / llama.cpp q8_0: decode "
                 f"{g8['decode_tok_s'] / q8['decode_tok_s']:.2f}x, image prefill "
                 f"{q8.get('prefill_image_s', float('nan')) / g8['prefill_s']:.2f}x faster"
+            )
+        dp = r.get("decode-parity", {})
+        if "ratio_median" in dp:
+            lines.append(
+                f"decode parity (alternating runs, one process): llavakit gguf q8_0 "
+                f"{dp['llavakit_gguf_q8_0_tok_s']:.1f} vs llama.cpp q8_0 "
+                f"{dp['llamacpp_q8_0_tok_s']:.1f} tok/s, median ratio {dp['ratio_median']:.2f}x "
+                f"(rounds: {', '.join(f'{x:.2f}' for x in dp['ratios'])})"
             )
         s = r.get("sequential-transformers", {"error": "not run"})
         for row in ("concurrency", "concurrency-gguf-q8_0"):
