@@ -12,6 +12,24 @@ from PIL import Image
 from llavakit.testing import build_tiny_checkpoint
 
 
+@pytest.fixture
+def block_import(monkeypatch):
+    """``block_import("pkg")``: importing pkg (or a submodule) raises ImportError in this test,
+    as on a machine without it."""
+    import builtins
+
+    real_import = builtins.__import__
+    blocked: set[str] = set()
+
+    def guarded(name, *args, **kwargs):
+        if name.split(".")[0] in blocked:
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", guarded)
+    return blocked.add
+
+
 @pytest.fixture(scope="session")
 def llava15_dir(tmp_path_factory):
     """CLIP tower, mlp2x_gelu, pad, vicuna_v1, transformers <image> token."""

@@ -41,6 +41,7 @@ from llavakit.engine.generate import (
     process_logits,
 )
 from llavakit.errors import LlavakitError, PromptTooLong
+from llavakit.pipeline import Pipeline
 
 OUTTYPES = ("f16", "q8_0")
 
@@ -287,8 +288,9 @@ def prompt_rows(
     return keys, rows
 
 
-class GGUFPipeline:
-    """``Pipeline``'s chat API with the LM running in llama.cpp (batch 1, thread-safe)."""
+class GGUFPipeline(Pipeline):
+    """A ``Pipeline`` whose LM runs in llama.cpp (batch 1, thread-safe): ``chat``, ``stream``,
+    ``generate_batch`` with the same arguments; the vision side is ``pipe``'s."""
 
     def __init__(
         self,
@@ -298,8 +300,8 @@ class GGUFPipeline:
         n_ctx: int | None = None,
         feature_cache: int = 32,
     ) -> None:
+        super().__init__(pipe.model, pipe.processor)
         self.pipe = pipe
-        self.processor = pipe.processor
         # 4096 by default (LLaVA-1.5's context): a larger KV store decodes a few % slower here
         self.max_context = min(n_ctx or 4096, pipe.model.config.max_context)
         self.lm = LlamaCppLM(gguf_path, self.max_context, 1, n_threads)
@@ -313,13 +315,6 @@ class GGUFPipeline:
         self._feature_cache = feature_cache
         self._kv: list[Any] = []  # what llama.cpp's KV holds, one key per position
         self.stats = {"prefilled": 0, "reused": 0, "image_cache_hits": 0, "generated": 0}
-
-    @property
-    def tokenizer(self):
-        return self.processor.tokenizer
-
-    def generation_config(self, **kwargs: Any):
-        return self.pipe.generation_config(**kwargs)
 
     def reset(self) -> None:
         """Forget the image-feature and prefix caches (the next prompt is evaluated whole)."""
@@ -410,18 +405,6 @@ class GGUFPipeline:
                     seen[0] = torch.cat([seen[0], torch.tensor([token])])
                 self.lm.step([token], [len(self._kv)], [0])
                 self._kv.append(token)
-
-    def chat(
-        self,
-        images: list | None = None,
-        prompt: str | None = None,
-        *,
-        messages: list[dict] | None = None,
-        system: str | None = None,
-        **gen: Any,
-    ) -> str:
-        """The whole answer to ``prompt`` about ``images``."""
-        return "".join(self.stream(images, prompt, messages=messages, system=system, **gen))
 
     def generate_batch(self, requests: list[dict], **gen: Any) -> list[str]:
         """``Pipeline.generate_batch``'s answers, computed one request after another (batch 1;

@@ -133,17 +133,8 @@ def test_cli_chat_with_gguf(capsys):
     assert capsys.readouterr().out.strip() == "3"
 
 
-def test_missing_llama_cpp_is_a_clear_error(monkeypatch, torch_pipe, tmp_path):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_llama(name, *args, **kwargs):
-        if name == "llama_cpp":
-            raise ImportError("No module named 'llama_cpp'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_llama)
+def test_missing_llama_cpp_is_a_clear_error(block_import, torch_pipe, tmp_path):
+    block_import("llama_cpp")
     with pytest.raises(GGUFUnavailable, match="make llamacpp"):
         GGUFPipeline(torch_pipe, tmp_path / "missing.gguf")
     assert os.path.exists(tmp_path) and not (tmp_path / "missing.gguf").exists()

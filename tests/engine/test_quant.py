@@ -58,17 +58,8 @@ def test_weight_only_int8_keeps_activations_and_matches_bf16_closely(llava15_dir
     close_and_engine_matches(ref, q, seed=3, min_cos=0.99)
 
 
-def test_bitsandbytes_missing_is_a_clear_error(llava15_dir, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_bnb(name, *args, **kwargs):
-        if name == "bitsandbytes":
-            raise ImportError("no bitsandbytes")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bnb)
+def test_bitsandbytes_missing_is_a_clear_error(llava15_dir, block_import):
+    block_import("bitsandbytes")
     pipe = llavakit.load(llava15_dir, dtype="float32")
     with pytest.raises(QuantizationUnavailable, match="pip install bitsandbytes"):
         quantize_pipeline(pipe, "bnb8")

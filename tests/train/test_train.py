@@ -189,17 +189,8 @@ def test_invalid_data_is_refused_with_the_report_or_skipped(tiny_parts, tmp_path
     assert (out / "model" / "config.json").is_file()
 
 
-def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_parts, tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_bnb(name, *args, **kwargs):
-        if name == "bitsandbytes":
-            raise ImportError("no bitsandbytes")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bnb)
+def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_parts, tmp_path, block_import):
+    block_import("bitsandbytes")
     argv = _common(tiny_parts, tmp_path / "q", tiny_parts.qa, lora_enable=True, bits=4)
     with pytest.raises(LlavakitError, match="--bits 4 .*needs bitsandbytes"):
         train(argv)
