@@ -368,10 +368,9 @@ def _convert(args: argparse.Namespace) -> int:
     from llavakit.pipeline import parse_dtype
 
     dtype = parse_dtype(args.dtype)  # a bad dtype fails before anything is loaded
-    if args.input == "demo":
-        from llavakit.demo import demo_checkpoint
+    from llavakit.demo import resolve_model
 
-        args.input = str(demo_checkpoint())
+    args.input = str(resolve_model(args.input))
     src = resolve(args.input).resolve()
     out = Path(args.output).resolve()
     if out == src or src in out.parents:

@@ -97,6 +97,13 @@ def _bundle_digest(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def resolve_model(path: str | os.PathLike | None) -> str | os.PathLike:
+    """The checkpoint ``path`` names: the demo model's for None or "demo", else ``path``."""
+    if path is None or os.fspath(path) == "demo":
+        return demo_checkpoint()
+    return path
+
+
 def demo_checkpoint() -> Path:
     """Path of the demo checkpoint (merged and cached on first use)."""
     if (BUNDLED / "llavakit_train.json").is_file():

@@ -145,12 +145,9 @@ def load(
     With no ``path``, loads the bundled demo model.
     """
     from llavakit.checkpoint import load_checkpoint
+    from llavakit.demo import resolve_model
 
-    if path is None or os.fspath(path) == "demo":
-        from llavakit.demo import demo_checkpoint
-
-        path = demo_checkpoint()
     model, processor = load_checkpoint(
-        path, dtype=parse_dtype(dtype), template=template, vision_tower=vision_tower
+        resolve_model(path), dtype=parse_dtype(dtype), template=template, vision_tower=vision_tower
     )
     return Pipeline(model.to(device), processor)

@@ -129,6 +129,30 @@ class SlotCache:
             v[slot, :, :length] = cv[:, :length]
 
 
+class FeatureCache:
+    """Image features by content key; past ``entries`` the least recently used are dropped."""
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self._items: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str, encode, *args: Any) -> tuple[Any, bool]:
+        """(features, whether they were cached); ``encode(*args)`` computes them on a miss."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key], True
+        value = self._items[key] = encode(*args)
+        if len(self._items) > self.entries:
+            self._items.popitem(last=False)
+        return value, False
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 @dataclass
 class Finish:
     """Last event of a request."""
@@ -264,8 +288,7 @@ class Engine:
         self._running: list[_Running] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._image_cache_entries = image_cache_entries
+        self._features = FeatureCache(image_cache_entries)
         self._prefixes: OrderedDict[tuple, list] = OrderedDict()
         self._prefix_budget = prefix_cache_tokens
         self._prefix_tokens = 0
@@ -361,25 +384,26 @@ class Engine:
         return Finish(reason, len(run.req.encoded.input_ids), run.generated, run.cached, error)
 
     def _image_features(self, req: _Request) -> torch.Tensor | None:
-        enc = req.encoded
-        if not enc.pixel_values:
+        if not req.encoded.pixel_values:
             return None
-        parts = []
+        return torch.cat(self._features_of(req))
+
+    def _features_of(self, req: _Request) -> list:
+        """Each image's features, from the feature cache or encoded now (counted in stats)."""
+        enc, out = req.encoded, []
         for key, pixels, size in zip(
             req.image_keys, enc.pixel_values, enc.image_sizes, strict=True
         ):
-            feats = self._features.get(key)
-            if feats is None:
-                self.stats.image_misses += 1
-                feats = self.model.encode_images([pixels], [size])
-                self._features[key] = feats
-                if len(self._features) > self._image_cache_entries:
-                    self._features.popitem(last=False)
-            else:
+            feats, hit = self._features.get(key, self._encode_image, pixels, size)
+            if hit:
                 self.stats.image_hits += 1
-                self._features.move_to_end(key)
-            parts.append(feats)
-        return torch.cat(parts)
+            else:
+                self.stats.image_misses += 1
+            out.append(feats)
+        return out
+
+    def _encode_image(self, pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.model.encode_images([pixels], [size])
 
     def _lookup_prefix(self, req: _Request) -> tuple[int, list | None]:
         ids = req.encoded.input_ids

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,14 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from llavakit.engine.engine import Engine
+from llavakit.engine.engine import Engine, FeatureCache, _pixel_key
 from llavakit.engine.generate import (
     Detokenizer,
     accept_token,
     pick_tokens,
     process_logits,
 )
-from llavakit.errors import LlavakitError, PromptTooLong
+from llavakit.errors import FeatureCountMismatch, LlavakitError, PromptTooLong
 from llavakit.pipeline import Pipeline
 
 OUTTYPES = ("f16", "q8_0")
@@ -143,7 +142,12 @@ class LlamaCppLM:
     KV store of ``n_ctx`` cells (so a prefix can be shared by copying a sequence)."""
 
     def __init__(
-        self, path: str | os.PathLike, n_ctx: int, n_seq: int = 1, n_threads: int | None = None
+        self,
+        path: str | os.PathLike,
+        n_ctx: int,
+        n_seq: int = 1,
+        n_threads: int | None = None,
+        n_embd: int | None = None,
     ) -> None:
         try:
             import llama_cpp
@@ -180,6 +184,9 @@ class LlamaCppLM:
         self.mem = lib.llama_get_memory(self.ctx)
         self._tokens = lib.llama_batch_init(max(512, n_seq), 0, 1)
         self._embeds = lib.llama_batch_init(512, self.n_embd, 1)
+        if n_embd is not None and self.n_embd != n_embd:
+            self.close()
+            raise GGUFUnavailable(f"{path}: hidden size {self.n_embd}, the model's is {n_embd}")
 
     def prefill(self, keys: list[Any], rows: list[np.ndarray | None], start: int, seq: int) -> None:
         """Evaluate positions ``start..`` of sequence ``seq``: runs of token ids and of
@@ -223,15 +230,18 @@ class LlamaCppLM:
             hint = " (the KV store is full)" if code == 1 else ""
             raise RuntimeError(f"llama_decode failed with {code} on {what}{hint}")
 
-    def logits(self, row: int = -1) -> torch.Tensor:
-        """[V] float32 logits of output ``row`` of the last decode (-1 = the last output)."""
+    def _view(self, row: int) -> np.ndarray:
+        """llama.cpp's logits of output ``row`` of the last decode (-1 = the last), in place."""
         ptr = self.lib.llama_get_logits_ith(self.ctx, row)
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def logits(self, row: int = -1) -> torch.Tensor:
+        """[V] float32 logits of output ``row`` (a copy)."""
+        return torch.from_numpy(self._view(row).copy())
 
     def argmax(self, row: int = -1) -> int:
         """Greedy token of output ``row``, read in place."""
-        ptr = self.lib.llama_get_logits_ith(self.ctx, row)
-        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+        return int(self._view(row).argmax())
 
     def remove(self, seq: int, start: int = -1) -> None:
         """Drop sequence ``seq``'s positions from ``start`` on (-1: all of them)."""
@@ -266,11 +276,10 @@ def prompt_rows(
     input_ids: list[int], image_token_id: int, feats: list[tuple[str, np.ndarray]]
 ) -> tuple[list[Any], list[np.ndarray | None]]:
     """One key per prompt position (token id, or (image key, row)) and its embedding row."""
-    from llavakit.errors import FeatureCountMismatch
-
     placeholders = sum(t == image_token_id for t in input_ids)
-    if placeholders != sum(len(table) for _, table in feats):
-        raise FeatureCountMismatch(placeholders, sum(len(table) for _, table in feats))
+    features = sum(len(table) for _, table in feats)
+    if placeholders != features:
+        raise FeatureCountMismatch(placeholders, features)
     keys: list[Any] = []
     rows: list[np.ndarray | None] = []
     image, row = 0, 0
@@ -304,15 +313,11 @@ class GGUFPipeline(Pipeline):
         self.pipe = pipe
         # 4096 by default (LLaVA-1.5's context): a larger KV store decodes a few % slower here
         self.max_context = min(n_ctx or 4096, pipe.model.config.max_context)
-        self.lm = LlamaCppLM(gguf_path, self.max_context, 1, n_threads)
-        hidden = pipe.model.config.text_config.hidden_size
-        if self.lm.n_embd != hidden:
-            self.lm.close()
-            raise GGUFUnavailable(f"GGUF hidden size {self.lm.n_embd} != the model's {hidden}")
-        self._eos = pipe.eos_token_ids()
+        hidden = self.model.config.text_config.hidden_size
+        self.lm = LlamaCppLM(gguf_path, self.max_context, 1, n_threads, n_embd=hidden)
+        self._eos = self.eos_token_ids()
         self._lock = threading.Lock()
-        self._features: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._feature_cache = feature_cache
+        self._features = FeatureCache(feature_cache)
         self._kv: list[Any] = []  # what llama.cpp's KV holds, one key per position
         self.stats = {"prefilled": 0, "reused": 0, "image_cache_hits": 0, "generated": 0}
 
@@ -326,24 +331,16 @@ class GGUFPipeline(Pipeline):
         self.lm.close()
 
     def _image_features(self, encoded) -> list[tuple[str, np.ndarray]]:
-        from llavakit.engine.engine import _pixel_key
-
         out = []
         for pixels, size in zip(encoded.pixel_values, encoded.image_sizes, strict=True):
             key = _pixel_key(pixels, size)
-            feats = self._features.get(key)
-            if feats is None:
-                self._features[key] = feats = encode_features(self.pipe.model, pixels, size)
-                if len(self._features) > self._feature_cache:
-                    self._features.popitem(last=False)
-            else:
-                self.stats["image_cache_hits"] += 1
-                self._features.move_to_end(key)
+            feats, hit = self._features.get(key, encode_features, self.model, pixels, size)
+            self.stats["image_cache_hits"] += hit
             out.append((key, feats))
         return out
 
     def _keys(self, encoded) -> tuple[list[Any], list[np.ndarray | None]]:
-        image_id = self.pipe.model.config.image_token_id
+        image_id = self.model.config.image_token_id
         return prompt_rows(encoded.input_ids, image_id, self._image_features(encoded))
 
     def _prefill(self, keys: list[Any], rows: list[np.ndarray | None]) -> None:
@@ -374,7 +371,7 @@ class GGUFPipeline(Pipeline):
     ) -> Iterator[str]:
         """Yield the answer piece by piece (greedy unless temperature > 0)."""
         cfg = self.generation_config(**gen)
-        encoded = self.pipe.encode(images, prompt, messages=messages, system=system)
+        encoded = self.encode(images, prompt, messages=messages, system=system)
         with self._lock:
             if len(encoded.input_ids) >= self.max_context:
                 raise PromptTooLong(len(encoded.input_ids), self.max_context)
@@ -458,11 +455,8 @@ class GGUFEngine(Engine):
 
     def _new_cache(self) -> LlamaCppLM:
         n_seq = self.max_batch + self._prefix_entries
-        self.lm = LlamaCppLM(self._gguf_path, self._kv_tokens, n_seq, self._n_threads)
         hidden = self.model.config.text_config.hidden_size
-        if self.lm.n_embd != hidden:
-            self.lm.close()
-            raise GGUFUnavailable(f"GGUF hidden size {self.lm.n_embd} != the model's {hidden}")
+        self.lm = LlamaCppLM(self._gguf_path, self._kv_tokens, n_seq, self._n_threads, hidden)
         self._spare = list(range(self.max_batch, n_seq))  # sequences free for the prefix cache
         return self.lm
 
@@ -470,22 +464,8 @@ class GGUFEngine(Engine):
         super().close()
         self.lm.close()
 
-    def _image_features(self, req) -> list[tuple[str, np.ndarray]]:
-        enc, out = req.encoded, []
-        for key, pixels, size in zip(
-            req.image_keys, enc.pixel_values, enc.image_sizes, strict=True
-        ):
-            feats = self._features.get(key)
-            if feats is None:
-                self.stats.image_misses += 1
-                self._features[key] = feats = encode_features(self.model, pixels, size)
-                if len(self._features) > self._image_cache_entries:
-                    self._features.popitem(last=False)
-            else:
-                self.stats.image_hits += 1
-                self._features.move_to_end(key)
-            out.append((key, feats))
-        return out
+    def _encode_image(self, pixels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        return encode_features(self.model, pixels, size)
 
     def _prefill(self, req, slot: int) -> tuple[int, torch.Tensor]:
         reused, src = self._lookup_prefix(req)
@@ -496,7 +476,8 @@ class GGUFEngine(Engine):
             self.stats.prefix_tokens_reused += reused
         ids, image_id = req.encoded.input_ids, self.model.config.image_token_id
         if any(t == image_id for t in ids[reused:]):
-            keys, rows = prompt_rows(ids, image_id, self._image_features(req))
+            feats = list(zip(req.image_keys, self._features_of(req), strict=True))
+            keys, rows = prompt_rows(ids, image_id, feats)
         else:  # the cached prefix covers every image: no tower
             keys, rows = list(ids), [None] * len(ids)
         try:
@@ -539,11 +520,9 @@ def load_gguf(
 ) -> GGUFPipeline:
     """``llavakit.load`` with the language model in llama.cpp (converted once, then cached)."""
     import llavakit
+    from llavakit.demo import resolve_model
 
-    if path is None or os.fspath(path) == "demo":
-        from llavakit.demo import demo_checkpoint
-
-        path = demo_checkpoint()
+    path = resolve_model(path)
     pipe = llavakit.load(path, **load_kwargs)
     return GGUFPipeline(pipe, gguf_for(pipe, path, outtype), n_threads=n_threads)
 

@@ -397,13 +397,11 @@ def load_server(
         quantize_pipeline(pipe, quantize)
     engine = None
     if gguf:
-        from llavakit.demo import demo_checkpoint
+        from llavakit.demo import resolve_model
         from llavakit.engine.gguf import GGUFEngine, gguf_for
 
-        path = demo_checkpoint() if model in ("demo", "") else model
-        engine = GGUFEngine(
-            pipe, gguf_for(pipe, path, gguf), max_batch=max_batch, max_queue=max_queue
-        )
+        path = gguf_for(pipe, resolve_model(model), gguf)
+        engine = GGUFEngine(pipe, path, max_batch=max_batch, max_queue=max_queue)
     return ModelServer(pipe, name or _model_name(model), limits, max_batch, max_queue, engine)
 
 
